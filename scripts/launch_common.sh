@@ -1,0 +1,126 @@
+# shellcheck shell=bash
+# Helpers shared by the launchers (example_run.sh, multinode_train.sh, verify_setup.sh).
+# Sourced, never run. The caller sets `set -euo pipefail` and REPO (the repository root).
+#
+# Conventions every launcher follows:
+#   - the command is built in an array and printed shell-quoted before it runs;
+#   - DRY_RUN=1 validates the settings and prints the exact command on stdout, then exits 0;
+#   - otherwise the command replaces the shell (`exec`), so Ctrl-C and SIGTERM reach Python;
+#   - a bad setting stops the launcher with exit code 2 and a message naming the variable,
+#     the value received and the fix.
+
+PYTHON="${PYTHON:-python}"   # the interpreter of the environment that has torch and transformers
+DRY_RUN="${DRY_RUN:-0}"      # 1: print the command instead of running it
+
+die() {
+    printf 'error: %s\n' "$@" >&2
+    exit 2
+}
+
+note() {
+    printf '%s\n' "$@" >&2
+}
+
+is_true() {
+    case "${1,,}" in
+        1 | true | yes | on) return 0 ;;
+        *) return 1 ;;
+    esac
+}
+
+is_uint() {
+    [[ "$1" =~ ^[0-9]+$ ]]
+}
+
+# Print "$@" as one shell-quoted line: pasted into a shell it runs exactly this command.
+quote_cmd() {
+    local out="" word
+    for word in "$@"; do
+        out+="$(printf '%q' "$word") "
+    done
+    printf '%s\n' "${out% }"
+}
+
+# DRY_RUN=1: print the command on stdout and stop. Otherwise print it on stderr and exec it.
+run_cmd() {
+    if is_true "$DRY_RUN"; then
+        quote_cmd "$@"
+        exit 0
+    fi
+    note "+ $(quote_cmd "$@")"
+    exec "$@"
+}
+
+# Number of CUDA GPUs physically on this machine: nvidia-smi when installed (it ignores
+# CUDA_VISIBLE_DEVICES, like accelerate's --gpu_ids), else torch; 0 when neither finds one.
+gpu_count() {
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
+        return
+    fi
+    env -u CUDA_VISIBLE_DEVICES "$PYTHON" -c \
+        'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null ||
+        echo 0
+}
+
+# check_gpu_ids VAR LIST COUNT: LIST is "all" or comma-separated indices below COUNT.
+check_gpu_ids() {
+    local var="$1" list="$2" count="$3" id seen=","
+    [[ "$list" == all ]] && return 0
+    [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
+        die "$var=$list: expected 'all' or GPU indices separated by commas, e.g. $var=0,1."
+    if ((count == 0)); then
+        die "$var=$list asks for GPUs, but this machine has no CUDA GPU (nvidia-smi and torch find none)." \
+            "Fix the driver (nvidia-smi must list the GPUs), or unset $var and set NPROC_PER_NODE to train on CPU."
+    fi
+    for id in ${list//,/ }; do
+        ((id < count)) || die "$var=$list: GPU $id does not exist; this machine has $count GPU(s), indices 0-$((count - 1)) (see nvidia-smi -L)."
+        [[ "$seen" != *",$id,"* ]] || die "$var=$list lists GPU $id twice; list each GPU once."
+        seen+="$id,"
+    done
+}
+
+# Number of entries in a comma-separated list.
+count_ids() {
+    local -a ids
+    IFS=, read -r -a ids <<<"$1"
+    echo "${#ids[@]}"
+}
+
+# wait_for_port HOST PORT SECONDS: return 0 once HOST:PORT accepts a TCP connection; after SECONDS
+# print why it did not (refused, timed out, unknown host) and return 1. Never hangs longer.
+wait_for_port() {
+    "$PYTHON" - "$1" "$2" "$3" <<'PY'
+import socket, sys, time
+
+host, port, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+deadline, last, next_note = time.monotonic() + limit, "no attempt made", 0.0
+while True:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        break
+    try:
+        with socket.create_connection((host, port), timeout=min(3.0, left)):
+            sys.exit(0)
+    except OSError as exc:  # refused: host up, nothing listening yet; timeout: firewall or wrong host
+        last = exc.strerror or type(exc).__name__
+    waited = limit - (deadline - time.monotonic())
+    if waited >= next_note:
+        print(f"waiting for the main node at {host}:{port} ({waited:.0f}/{limit:.0f} s; {last})", file=sys.stderr)
+        next_note += 10
+    time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+print(last)
+sys.exit(1)
+PY
+}
+
+# port_in_use PORT: true when something on this machine already listens on PORT.
+port_in_use() {
+    "$PYTHON" - "$1" <<'PY'
+import socket, sys
+
+with socket.socket() as s:
+    s.settimeout(1)
+    sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)
+PY
+}

@@ -1,0 +1,58 @@
+"""A tiny Gemma 3 and its tokenizer, built from a config: no network, a few seconds on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+VOCAB = 512
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+
+
+def training_text() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return list(topics.values())
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False)
+    backend.train_from_iterator(training_text(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+
+
+def build_model(vocab_size: int, seed: int = 0):
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=1024,
+        sliding_window=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    return Gemma3ForCausalLM(config)
+
+
+def save_tiny_model(directory: Path) -> Path:
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -1,0 +1,21 @@
+"""The user-error type. main() turns it into one message and exit code 2, with no traceback."""
+
+from __future__ import annotations
+
+import sys
+
+
+class UsageError(Exception):
+    """One or more problems with the user's input, each naming the flag, the value and the fix."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+def report_and_exit(error: UsageError) -> None:
+    count = len(error.problems)
+    header = "error:" if count == 1 else f"{count} problems:"
+    body = "\n".join(f"  - {p}" for p in error.problems) if count > 1 else f" {error.problems[0]}"
+    print(f"{header}{body}", file=sys.stderr)
+    raise SystemExit(2)
