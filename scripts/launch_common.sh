@@ -12,13 +12,16 @@
 PYTHON="${PYTHON:-python}"   # the interpreter of the environment that has torch and transformers
 DRY_RUN="${DRY_RUN:-0}"      # 1: print the command instead of running it
 
+# die MESSAGE [MORE...]: print the message (further arguments as indented lines), exit 2.
 die() {
-    printf 'error: %s\n' "$@" >&2
+    printf 'error: %s\n' "$1" >&2
+    shift
+    (($# == 0)) || printf '       %s\n' "$@" >&2
     exit 2
 }
 
 note() {
-    printf '%s\n' "$@" >&2
+    printf '%s\n' "$*" >&2
 }
 
 is_true() {
