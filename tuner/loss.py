@@ -124,18 +124,19 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, with_grads):
     """Loss sum and, if asked, its gradients wrt hidden (N, H) and weight (V, H), in row chunks."""
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    acc = torch.promote_types(weight.dtype, torch.float32)
+    loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
     grad_hidden = torch.empty_like(hidden) if with_grads else None
-    # fp32 accumulator: summing thousands of chunk contributions in bf16 would lose the small ones.
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    # At least fp32: summing thousands of chunk contributions in bf16 would lose the small ones.
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if with_grads else None
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h, y = hidden[rows], targets[rows]  # (c, H), (c,)
         chunk_loss, grad_logits = _chunk_loss(h @ weight.T, y, softcap, with_grads)  # logits (c, V)
         loss_sum += chunk_loss
-        if with_grads:  # grad_logits is fp32 (c, V)
+        if with_grads:  # grad_logits (c, V) is in the accumulation dtype
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
-            grad_weight.addmm_(grad_logits.T, h.to(torch.float32))
+            grad_weight.addmm_(grad_logits.T, h.to(acc))
     if with_grads:
         grad_weight = grad_weight.to(weight.dtype)
     return loss_sum, grad_hidden, grad_weight
@@ -143,7 +144,7 @@ def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, with_grads):
 
 def _chunk_loss(logits, targets, softcap, with_grads):
     """Summed cross-entropy of one chunk of logits (c, V), and d(sum)/d(logits) (c, V) if asked."""
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as transformers' .float()
     if softcap is not None:
         # Gemma's final_logit_softcapping: cap * tanh(logits / cap), as in the model's forward.
         squashed = torch.tanh(logits / softcap)
@@ -158,3 +159,14 @@ def _chunk_loss(logits, targets, softcap, with_grads):
     if softcap is not None:
         grad.mul_(squashed.square_().neg_().add_(1))  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
     return loss, grad
+
+
+def _liger_loss_sum(weight, hidden, targets, softcap) -> torch.Tensor:
+    """liger-kernel's fused Triton kernel: the same chunked idea, faster on CUDA."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as error:
+        raise ImportError(f"--use_liger_kernel needs liger-kernel: {_LIGER_HINT}") from error
+    # "sum" so the caller divides by num_items_in_batch or the count, as for the chunked loss.
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+    return loss_fn(weight, hidden, targets)
