@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import re
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -179,7 +181,7 @@ def load_yaml(path: str) -> dict[str, Any]:
             values[key] = _convert(key, value)
         except (TypeError, ValueError):
             problems.append(
-                f"--config {path}: key '{key}' has value {value!r}, which is not a {field_type(key).__name__}. "
+                f"--config {path}: key '{key}' has value {value!r}, which is not of type {field_type(key).__name__}. "
                 "Fix the value in the file."
             )
     if problems:
@@ -187,8 +189,24 @@ def load_yaml(path: str) -> dict[str, Any]:
     return values
 
 
+def _attach_negative_numbers(argv: list[str]) -> list[str]:
+    """`--learning_rate -1e-4` -> `--learning_rate=-1e-4`: argparse would read -1e-4 as a flag, and
+    the user should hear that the value is negative, not that it is missing."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and _NEGATIVE_NUMBER.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """Defaults < --config YAML < command line. argparse itself exits 2 on an unknown flag."""
+    argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")

@@ -31,7 +31,7 @@ CACHE_FORMAT = 1  # bump when the chunking policy changes, so old caches are not
 
 def file_problems(flag: str, path: str | None) -> list[str]:
     """Checks that need no parsing: the file exists, has a supported extension and is not empty."""
-    if path is None:
+    if not path:
         return []
     file = Path(path)
     suffix = file.suffix.lower()

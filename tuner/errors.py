@@ -16,6 +16,6 @@ class UsageError(Exception):
 def report_and_exit(error: UsageError) -> None:
     count = len(error.problems)
     header = "error:" if count == 1 else f"{count} problems:"
-    body = "\n".join(f"  - {p}" for p in error.problems) if count > 1 else f" {error.problems[0]}"
+    body = "".join(f"\n  - {p}" for p in error.problems) if count > 1 else f" {error.problems[0]}"
     print(f"{header}{body}", file=sys.stderr)
     raise SystemExit(2)

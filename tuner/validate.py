@@ -111,7 +111,9 @@ def path_problems(cfg) -> list[str]:
         problems.append(f"--output_dir {cfg.output_dir}: exists and is a file. Give a directory path.")
     else:
         existing = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
-        if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        if existing is not None and not existing.is_dir():
+            problems.append(f"--output_dir {cfg.output_dir}: {existing} is a file, not a directory. Choose another path.")
+        elif existing is not None and not os.access(existing, os.W_OK | os.X_OK):
             problems.append(f"--output_dir {cfg.output_dir}: {existing} is not writable. Choose a directory you can write to.")
     if cfg.resume_from_checkpoint:
         ckpt = Path(cfg.resume_from_checkpoint)
