@@ -150,3 +150,10 @@ def test_validation_file_is_used(tiny_model, write_corpus, tmp_path, corpus_docs
     val = write_corpus("csv", corpus_docs[60:], name="val")
     metrics = entry.main(tiny_args(tiny_model, train, out, "--validation_file", val, "--max_eval_samples", "3"))
     assert metrics["eval"]["eval_samples_per_second"] > 0
+
+
+def test_gradient_checkpointing_trains_without_the_kv_cache(tiny_model, write_corpus, tmp_path):
+    out = tmp_path / "out"
+    metrics = entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--gradient_checkpointing"))
+    assert math.isfinite(metrics["train"]["train_loss"])
+    assert json.loads((out / "config.json").read_text())["use_cache"] is False

@@ -7,6 +7,7 @@ import logging
 import re
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def build_training_args(cfg, has_eval: bool, total_steps: int | None = None) -> 
         warmup_steps=warmup,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing_kwarg(cfg.gradient_checkpointing),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -45,9 +46,16 @@ def build_training_args(cfg, has_eval: bool, total_steps: int | None = None) -> 
         seed=cfg.seed,
         ddp_timeout=cfg.ddp_timeout,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         include_num_input_tokens_seen=True,
         use_liger_kernel=False,  # Liger is applied by our loss, not by patching the model
     )
+
+
+def _checkpointing_kwarg(enabled: bool) -> dict:
+    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; keep our flag name.
+    fields = TrainingArguments.__dataclass_fields__
+    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
 
 
 class LeanLossTrainer(Trainer):
