@@ -15,7 +15,10 @@
 #   NPROC_PER_NODE   cpu-ddp: CPU processes (default 2)
 #   MASTER_PORT      rendezvous port for the multi-process recipes (default 29500)
 #   TRAIN_FILE, VALIDATION_FILE, TEXT_COLUMN   jsonl / csv: your files and their text column
+#                    (VALIDATION_FILE defaults to the one in configs/own-files.yaml)
 #   CHECKPOINT       resume: a checkpoint directory (default: the latest complete one in output_dir)
+#   CORPUS           quickstart / cpu-ddp / resume: the training file (default data/pydoc_topics.jsonl
+#                    in the repository, CPython's reference docs, written on first use)
 #   PYTHON           interpreter with torch/transformers/accelerate (default: python)
 set -euo pipefail
 
@@ -26,17 +29,18 @@ source "$REPO/scripts/launch_common.sh"
 MAIN="$REPO/main.py"
 LAUNCH=("$PYTHON" -m accelerate.commands.launch)  # `accelerate launch`, from the same interpreter
 MASTER_PORT="${MASTER_PORT:-29500}"
+CORPUS="${CORPUS:-$REPO/data/pydoc_topics.jsonl}"
 
 RECIPES=(quickstart single-gpu multi-gpu cpu-ddp fsdp jsonl csv resume multinode)
 declare -A ABOUT=(
-    [quickstart]="CPU, no network: the bundled Gemma 3 270M (offline:gemma-3-270m), a short run"
+    [quickstart]="CPU, no network: the bundled Gemma 3 270M (offline:gemma-3-270m) on CPython's docs, 8 steps"
     [single-gpu]="one GPU (GPU=0): Gemma 3 270M on wikitext-2"
     [multi-gpu]="DDP on chosen GPUs (GPUS=0,1) with gradient checkpointing"
-    [cpu-ddp]="2 CPU processes with the gloo backend (NPROC_PER_NODE=2): multi-process without a GPU"
+    [cpu-ddp]="the quickstart in 2 CPU processes with gloo (NPROC_PER_NODE=2): DDP without a GPU"
     [fsdp]="fully sharded data parallel on chosen GPUs (GPUS=0,1), configs/accelerate/fsdp.yaml"
     [jsonl]="your own JSON Lines file: TRAIN_FILE=train.jsonl [VALIDATION_FILE=val.jsonl]"
     [csv]="your own CSV file: TRAIN_FILE=train.csv [TEXT_COLUMN=text]"
-    [resume]="rerun the quickstart, continuing from its latest checkpoint (or CHECKPOINT=dir)"
+    [resume]="continue the quickstart from its latest checkpoint, e.g. resume --max_steps 16 (or CHECKPOINT=dir)"
     [multinode]="several machines: MACHINE_RANK=0|1 MASTER_ADDR=<node0-address> (see run_node0.sh)"
 )
 
@@ -56,9 +60,26 @@ use_config() {  # use_config DEFAULT: conf=(--config CONFIG-or-DEFAULT), checked
     conf=(--config "$config")
 }
 
+# The quickstart YAML with its corpus, CPython's reference docs, written on first use; a CONFIG
+# of your own names its own data.
+use_quickstart_config() {
+    if [[ -n "${CONFIG:-}" ]]; then
+        use_config "$CONFIG"
+        return
+    fi
+    use_config "$REPO/configs/quickstart-cpu.yaml"
+    conf+=(--train_file "$CORPUS")
+    [[ ! -f "$CORPUS" ]] || return 0
+    if is_true "$DRY_RUN"; then
+        note "(first writes the corpus: $PYTHON $REPO/scripts/pydoc_corpus.py $CORPUS)"
+    else
+        "$PYTHON" "$REPO/scripts/pydoc_corpus.py" "$CORPUS" >&2
+    fi
+}
+
 # Each recipe fills the array `cmd` with the command, without the user's extra flags.
 recipe_quickstart() {
-    use_config "$REPO/configs/quickstart-cpu.yaml"
+    use_quickstart_config
     cmd=("$PYTHON" "$MAIN" "${conf[@]}")
 }
 
@@ -88,14 +109,14 @@ recipe_multi_gpu() {
 
 recipe_fsdp() {
     gpu_launch --config_file "$REPO/configs/accelerate/fsdp.yaml"
-    use_config "$REPO/configs/multi-gpu-gc.yaml"
+    use_config "$REPO/configs/gemma3-270m-wikitext.yaml"
     cmd+=("$MAIN" "${conf[@]}")
 }
 
 recipe_cpu_ddp() {
     local n="${NPROC_PER_NODE:-2}"
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "NPROC_PER_NODE=$n: expected a number of processes, e.g. NPROC_PER_NODE=2."
-    use_config "$REPO/configs/quickstart-cpu.yaml"
+    use_quickstart_config
     # ACCELERATE_USE_CPU makes transformers join the processes with gloo even where GPUs exist;
     # accelerate's --cpu flag alone would start a single process.
     cmd=(env ACCELERATE_USE_CPU=true "${LAUNCH[@]}" --multi_gpu --mixed_precision no --dynamo_backend no
@@ -117,8 +138,10 @@ recipe_csv() { own_file csv; }
 
 recipe_resume() {
     # main.py resumes from the latest complete checkpoint in output_dir by itself: rerunning the
-    # same command continues an interrupted run. CHECKPOINT picks a specific one.
-    use_config "$REPO/configs/quickstart-cpu.yaml"
+    # same command continues an interrupted run (Ctrl-C the quickstart after its step-4
+    # checkpoint, then run this), and a larger --max_steps extends a finished one.
+    # CHECKPOINT picks a specific checkpoint.
+    use_quickstart_config
     cmd=("$PYTHON" "$MAIN" "${conf[@]}")
     if [[ -n "${CHECKPOINT:-}" ]]; then
         [[ -d "$CHECKPOINT" ]] || die "CHECKPOINT=$CHECKPOINT: no such directory; use a checkpoint-N directory inside output_dir."

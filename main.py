@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -33,24 +32,18 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def total_steps(cfg: Config, train_chunks: int) -> int:
-    """Optimizer steps the run will take; Trainer computes the same from the dataloader length."""
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    batches = math.ceil(train_chunks / (cfg.per_device_train_batch_size * world_size()))
-    steps_per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
-    return math.ceil(cfg.num_train_epochs * steps_per_epoch)
-
-
 def prepare(cfg: Config):
-    """Every check and every cheap load, before model weights load: (model path, tokenizer, datasets)."""
-    from tuner import data, models, validate
+    """Every check and every cheap load, before model weights load:
+    (model path, model config, tokenizer, datasets)."""
+    from tuner import data, models, streaming, validate
 
     validate.validate(cfg)
     model_path = models.resolve(cfg.model_name_or_path)
-    validate.check_against_model(cfg, models.load_config(cfg, model_path))
+    model_config = models.load_config(cfg, model_path)
+    validate.check_against_model(cfg, model_config)
     tokenizer = models.load_tokenizer(cfg, model_path)
-    return model_path, tokenizer, data.build_datasets(cfg, tokenizer)
+    build = streaming.build_streaming_datasets if cfg.streaming else data.build_datasets
+    return model_path, model_config, tokenizer, build(cfg, tokenizer)
 
 
 def evaluate(trainer, prefix: str) -> dict:
@@ -81,23 +74,33 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
         report.print_samples(results["samples"])
         report.save_json(Path(cfg.output_dir) / "samples.json", results["samples"])
     results["wall_seconds"] = time.time() - started
+    results["summary"] = report.finish(cfg, trainer, results)
     return results
+
+
+def dry_run(cfg: Config, model_config, datasets) -> dict:
+    """Print the resolved config and the derived numbers; load no weights and write nothing."""
+    from tuner import estimate
+
+    print(to_yaml(cfg))
+    print(estimate.dry_run_report(cfg, model_config, datasets, world_size()))
+    return {"dry_run": True, **estimate.estimate(cfg, model_config, datasets, world_size())}
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     try:
         cfg = parse_args(argv)
-        model_path, tokenizer, datasets = prepare(cfg)
+        model_path, model_config, tokenizer, datasets = prepare(cfg)
     except UsageError as error:
         report_and_exit(error)
     if cfg.dry_run:
-        print(to_yaml(cfg))
-        return {"dry_run": True}
+        return dry_run(cfg, model_config, datasets)
 
-    from tuner import models, training
+    from tuner import estimate, models, training
 
-    args = training.build_training_args(cfg, datasets.eval is not None, total_steps(cfg, len(datasets.train)))
+    steps = estimate.step_counts(cfg, datasets.train_chunks, world_size())["total_steps"]
+    args = training.build_training_args(cfg, datasets.eval is not None, steps)
     if args.should_save:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")

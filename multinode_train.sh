@@ -31,7 +31,8 @@
 #   2 machines x 4 GPUs:  NUM_MACHINES=2 GPUS=all (4 GPUs each)    -> 8 processes
 #   3 machines x 2 GPUs:  NUM_MACHINES=3 GPUS=0,1, MACHINE_RANK=0,1,2 -> 6 processes
 #                         (node 2: MACHINE_RANK=2 bash run_node1.sh)
-#   2 machines, CPU only: NUM_MACHINES=2 NPROC_PER_NODE=2          -> 4 processes (gloo)
+#   2 machines, CPU only: NUM_MACHINES=2 NPROC_PER_NODE=2          -> 4 processes (gloo); with a
+#                         CPU recipe, e.g. CONFIG=configs/quickstart-cpu.yaml --train_file <shared path>
 #
 # Shared storage: --output_dir must be a directory every machine sees at the same path (NFS,
 # Lustre, ...). Only the global main process writes checkpoints, logs and the final model, but
@@ -136,8 +137,12 @@ cmd+=(--num_machines "$NUM_MACHINES" --machine_rank "$MACHINE_RANK" --num_proces
 [[ "$device" == GPU && "$GPUS" != all ]] && cmd+=(--gpu_ids "$GPUS")
 cmd+=("$REPO/main.py" "${TRAIN_ARGS[@]}")
 
-# Identical on every node when the training arguments agree: compare it across the machines.
-fingerprint="$(printf '%s\0' "${TRAIN_ARGS[@]}" | cksum | cut -d' ' -f1)"
+# Identical on every node when the training arguments and the YAML's contents agree: compare
+# it across the machines.
+fingerprint="$({
+    printf '%s\0' "${TRAIN_ARGS[@]}"
+    [[ -z "$CONFIG" ]] || cat "$CONFIG"
+} | cksum | cut -d' ' -f1)"
 note "node $MACHINE_RANK of $NUM_MACHINES: $per_node $device process(es) here, $NUM_PROCESSES in all;" \
     "main node $MASTER_ADDR:$MASTER_PORT; training-arguments fingerprint $fingerprint"
 

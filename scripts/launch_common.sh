@@ -55,15 +55,18 @@ run_cmd() {
 }
 
 # Number of CUDA GPUs physically on this machine: nvidia-smi when installed (it ignores
-# CUDA_VISIBLE_DEVICES, like accelerate's --gpu_ids), else torch; 0 when neither finds one.
+# CUDA_VISIBLE_DEVICES, like accelerate's --gpu_ids), else torch where a GPU driver's device
+# files exist (NVIDIA without nvidia-smi, or ROCm), else 0 without the slow torch import.
 gpu_count() {
     if command -v nvidia-smi >/dev/null 2>&1; then
         nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
-        return
-    fi
-    env -u CUDA_VISIBLE_DEVICES "$PYTHON" -c \
-        'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null ||
+    elif compgen -G '/dev/nvidia[0-9]*' >/dev/null || [[ -e /dev/kfd ]]; then
+        env -u CUDA_VISIBLE_DEVICES "$PYTHON" -c \
+            'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)' 2>/dev/null ||
+            echo 0
+    else
         echo 0
+    fi
 }
 
 # check_gpu_ids VAR LIST COUNT: LIST is "all" or comma-separated indices below COUNT.
@@ -73,8 +76,9 @@ check_gpu_ids() {
     [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
         die "$var=$list: expected 'all' or GPU indices separated by commas, e.g. $var=0,1."
     if ((count == 0)); then
-        die "$var=$list asks for GPUs, but this machine has no CUDA GPU (nvidia-smi and torch find none)." \
-            "Fix the driver (nvidia-smi must list the GPUs), or unset $var and set NPROC_PER_NODE to train on CPU."
+        die "$var=$list asks for GPUs, but this machine has no CUDA GPU (no NVIDIA driver, or nvidia-smi lists none)." \
+            "Make nvidia-smi list the GPUs (bash verify_setup.sh), or train on CPU: bash example_run.sh cpu-ddp," \
+            "or for several machines unset $var and set NPROC_PER_NODE."
     fi
     for id in ${list//,/ }; do
         ((id < count)) || die "$var=$list: GPU $id does not exist; this machine has $count GPU(s), indices 0-$((count - 1)) (see nvidia-smi -L)."

@@ -157,3 +157,16 @@ def test_gradient_checkpointing_trains_without_the_kv_cache(tiny_model, write_co
     metrics = entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--gradient_checkpointing"))
     assert math.isfinite(metrics["train"]["train_loss"])
     assert json.loads((out / "config.json").read_text())["use_cache"] is False
+
+
+def test_dry_run_prints_the_plan_and_loads_no_weights(tiny_model, write_corpus, tmp_path, monkeypatch, capsys):
+    from tuner import models
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("weights loaded in a dry run"))
+    out = tmp_path / "out"
+    result = entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--dry_run"))
+    printed = capsys.readouterr().out
+    assert result["dry_run"] is True and not out.exists()
+    assert "max_seq_length: 64" in printed  # the resolved config
+    for line in ("effective batch", "total steps", "weights", "gradients", "optimizer state", "activations", "logits"):
+        assert line in printed, line

@@ -277,6 +277,14 @@ class Datasets:
     train_tokens: int
     eval_tokens: int
 
+    @property
+    def train_chunks(self) -> int | None:
+        """None for a stream, whose length is unknown."""
+        try:
+            return len(self.train)
+        except TypeError:
+            return None
+
 
 def build_datasets(cfg, tokenizer) -> Datasets:
     chunks = cached_chunks(cfg, tokenizer)

@@ -1,63 +1,98 @@
 """Tokenize documents and cut the token stream into fixed-length chunks.
 
-Policy: each document becomes [BOS] + tokens + [EOS], documents are concatenated in order, and the
-stream is split into chunks of exactly `seq_len` tokens; only the final remainder of the whole
-split is dropped (not one remainder per map batch, as `run_clm.py`'s group_texts does).
+Policy: each document becomes [BOS] + tokens + [EOS] (a marker the tokenizer lacks is left out),
+documents are concatenated in order, and the stream is split into chunks of exactly `seq_len`
+tokens; only the final remainder of the whole split is dropped (not one remainder per map batch,
+as `run_clm.py`'s group_texts does).
+
+Speed: the Rust tokenizer does nearly all the work. Batches of documents are encoded on a thread
+pool (the Rust call releases the GIL), with `encode_batch_fast` (no character offsets), straight
+into int32 arrays: no datasets/Arrow round trip, no worker processes to pickle the tokenizer into,
+no per-token Python lists beyond the one the tokenizer hands back. The threads give parallelism
+even when TOKENIZERS_PARALLELISM=false turns the tokenizer's own thread pool off.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 TOKEN_DTYPE = np.int32
+# Characters per encoding task: big enough that per-call overhead vanishes, small enough that the
+# threads stay evenly loaded until the end and one task's Encoding objects stay a few hundred MB.
+BATCH_CHARS = 1_000_000
 
 
-def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens; we add BOS/EOS ourselves."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        # The Rust tokenizer encodes the batch on all cores; skipping offsets makes it faster.
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def tokenize_and_group(tokenizer, texts: list[str], seq_len: int, num_threads: int | None = None) -> np.ndarray:
+    """Texts -> (n_chunks, seq_len) int32 token ids."""
+    return chunk(tokenize_stream(tokenizer, texts, num_threads), seq_len)
 
 
-def stream_with_separators(docs: list[list[int]], bos_id: int | None, eos_id: int | None) -> np.ndarray:
-    """One flat array: [BOS] doc0 [EOS] [BOS] doc1 [EOS] ...; shape (total_tokens,)."""
-    head = [bos_id] if bos_id is not None else []
-    tail = [eos_id] if eos_id is not None else []
-    lengths = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
-    extra = len(head) + len(tail)
-    out = np.empty(int(lengths.sum()) + extra * len(docs), dtype=TOKEN_DTYPE)
-    pos = 0
-    for doc in docs:
-        if head:
-            out[pos] = head[0]
-            pos += 1
-        n = len(doc)
-        out[pos : pos + n] = doc
-        pos += n
-        if tail:
-            out[pos] = tail[0]
-            pos += 1
-    return out
+def tokenize_stream(tokenizer, texts: list[str], num_threads: int | None = None) -> np.ndarray:
+    """All texts as one separated token stream [BOS] doc0 [EOS] [BOS] doc1 [EOS] ...: (total_tokens,) int32."""
+    encode = _encoder(tokenizer, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    batches = list(text_batches(texts, BATCH_CHARS))
+    threads = min(num_threads or available_cores(), len(batches))
+    if threads <= 1:
+        parts = [encode(batch) for batch in batches]
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            parts = list(pool.map(encode, batches))  # in order, whatever order they finish in
+    return np.concatenate(parts) if parts else np.empty(0, dtype=TOKEN_DTYPE)
 
 
 def chunk(stream: np.ndarray, seq_len: int) -> np.ndarray:
     """(total_tokens,) -> (n_chunks, seq_len), dropping only the final remainder."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
     n_chunks = len(stream) // seq_len
     return stream[: n_chunks * seq_len].reshape(n_chunks, seq_len)
 
 
-def tokenize_stream(tokenizer, texts: list[str], batch_size: int = 1000) -> np.ndarray:
-    """All texts as one separated token stream, encoded in batches to bound memory."""
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    parts = [
-        stream_with_separators(document_ids(tokenizer, texts[i : i + batch_size]), bos, eos)
-        for i in range(0, len(texts), batch_size)
-    ]
-    return np.concatenate(parts) if parts else np.empty(0, dtype=TOKEN_DTYPE)
+def text_batches(texts: list[str], max_chars: int):
+    """Consecutive runs of texts of about `max_chars` characters; a longer text is a batch alone."""
+    start, chars = 0, 0
+    for i, text in enumerate(texts):
+        chars += len(text)
+        if chars >= max_chars:
+            yield texts[start : i + 1]
+            start, chars = i + 1, 0
+    if start < len(texts):
+        yield texts[start:]
 
 
-def tokenize_and_group(tokenizer, texts: list[str], seq_len: int) -> np.ndarray:
-    """Texts -> (n_chunks, seq_len) int32 token ids."""
-    return chunk(tokenize_stream(tokenizer, texts), seq_len)
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _encoder(tokenizer, bos_id: int | None, eos_id: int | None):
+    """A function: list of texts -> their separated stream (n,) int32."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+
+        def ids_of(texts):
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:  # a slow (pure-Python) tokenizer: correct, just not fast
+
+        def ids_of(texts):
+            return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return join_documents(ids_of(texts), bos_id, eos_id)
+
+    return encode
+
+
+def join_documents(docs: list[list[int]], bos_id: int | None, eos_id: int | None) -> np.ndarray:
+    """[BOS] doc0 [EOS] [BOS] doc1 [EOS] ... as one (n,) int32 array."""
+    head = [] if bos_id is None else [bos_id]
+    tail = [] if eos_id is None else [eos_id]
+    flat: list[int] = []
+    for ids in docs:
+        # One flat list and a single conversion: about 20 ns a token, ~2% of the encoding time.
+        flat += head
+        flat += ids
+        flat += tail
+    return np.array(flat, dtype=TOKEN_DTYPE)

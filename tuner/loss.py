@@ -51,6 +51,8 @@ def compute_causal_lm_loss(model, inputs: dict, num_items_in_batch=None, use_lig
     """
     head, softcap = _output_head(model)
     labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
+    if labels is None and shift_labels is None:
+        raise ValueError("compute_causal_lm_loss needs inputs['labels'] (or already shifted inputs['shift_labels'])")
     model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     no_positions = torch.empty(0, dtype=torch.long, device=head.weight.device)
     outputs = model(**model_inputs, logits_to_keep=no_positions, output_hidden_states=True, use_cache=False)
@@ -97,13 +99,15 @@ def chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size)
-    return _loss_and_grads(hidden, weight, targets, softcap, chunk_size, with_grads=False)[0]
+    return _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need=(False, False))[0]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, chunk_size):
-        loss_sum, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, targets, softcap, chunk_size, with_grads=True)
+        # A frozen head (e.g. LoRA) skips the weight gradient: a third of the matmuls and 640 MiB.
+        need = ctx.needs_input_grad[:2]
+        loss_sum, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.backward_done = False
         return loss_sum
@@ -115,29 +119,31 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.backward_done:
             raise RuntimeError("the chunked loss supports one backward per forward (no retain_graph reuse)")
         ctx.backward_done = True
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grads = ctx.saved_tensors  # (N, H) and (V, H), either None when not needed
         if not bool(grad_loss == 1):
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
-            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+            for grad in grads:
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        return *grads, None, None, None
 
 
-def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, with_grads):
-    """Loss sum and, if asked, its gradients wrt hidden (N, H) and weight (V, H), in row chunks."""
+def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bool, bool]):
+    """Loss sum and the gradients asked for by `need`: wrt hidden (N, H), wrt weight (V, H)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if with_grads else None
+    grad_hidden = torch.empty_like(hidden) if need[0] else None
     # At least fp32: summing thousands of chunk contributions in bf16 would lose the small ones.
-    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need[1] else None
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h, y = hidden[rows], targets[rows]  # (c, H), (c,)
-        chunk_loss, grad_logits = _chunk_loss(h @ weight.T, y, softcap, with_grads)  # logits (c, V)
+        chunk_loss, grad_logits = _chunk_loss(h @ weight.T, y, softcap, with_grads=any(need))  # logits (c, V)
         loss_sum += chunk_loss
-        if with_grads:  # grad_logits (c, V) is in the accumulation dtype
+        if grad_hidden is not None:  # grad_logits (c, V) is in the accumulation dtype
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
+        if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, h.to(acc))
-    if with_grads:
+    if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return loss_sum, grad_hidden, grad_weight
 

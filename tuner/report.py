@@ -7,6 +7,9 @@ import logging
 import math
 from pathlib import Path
 
+PLOT_NAME = "loss_curve.png"
+SUMMARY_NAME = "run_summary.json"
+
 logger = logging.getLogger(__name__)
 
 
@@ -51,3 +54,99 @@ def save_json(path: Path, payload) -> None:
 def print_samples(samples: list[dict]) -> None:
     for sample in samples:
         print(f"\n>>> {sample['prompt']}{sample['completion']}")
+
+
+# ---------------------------------------------------------------- end of a run
+
+
+def loss_points(log_history: list[dict]) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train, eval) as (step, loss) pairs from trainer.state.log_history; one eval point per step."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = {e["step"]: e["eval_loss"] for e in log_history if "eval_loss" in e and "step" in e}
+    return train, sorted(evals.items())
+
+
+def plot_loss_curve(log_history: list[dict], path: Path, before_training: float | None = None, title: str = "") -> bool:
+    """Train and eval loss against the optimizer step, as a PNG. False when there is nothing to plot.
+
+    `before_training` is the eval loss at step 0: Trainer.train() starts a fresh log_history, so an
+    evaluation made before it is not in there.
+    """
+    try:  # the object-oriented API with the Agg canvas: no pyplot, no global backend switch
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("No loss curve: matplotlib is not installed (pip install matplotlib)")
+        return False
+    train, evals = loss_points(log_history)
+    if before_training is not None and not any(step == 0 for step, _ in evals):
+        evals.insert(0, (0, before_training))
+    if not train and not evals:
+        return False
+    figure = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if train:
+        axes.plot(*zip(*train), label="train loss", color="tab:blue", linewidth=1.2)
+    if evals:
+        axes.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o", linewidth=1.5)
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("cross-entropy (nats per token)")
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    return True
+
+
+def run_summary(cfg, trainer, results: dict) -> dict:
+    """The headline numbers of a run, from the Trainer's state and the metrics main() collected."""
+    train = results.get("train", {})
+    runtime = train.get("train_runtime")
+    seen = trainer.state.num_input_tokens_seen  # summed over all processes
+    # On a resumed run the count starts at the checkpoint's; the speed is of this run's tokens only.
+    this_run = seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    summary = {
+        "model": cfg.model_name_or_path,
+        "saved_to": str(Path(cfg.output_dir).resolve()),
+        "wall_seconds": results.get("wall_seconds"),
+        "train_runtime": runtime,
+        "global_step": trainer.state.global_step,
+        "tokens_seen": seen,
+        "tokens_seen_this_run": this_run,
+        "tokens_per_second": this_run / runtime if runtime else None,
+        "train_loss": train.get("train_loss"),
+    }
+    for key, name in (("before_training", "before_training"), ("eval", "final")):
+        if key in results:
+            summary[f"eval_loss_{name}"] = results[key]["eval_loss"]
+            summary[f"perplexity_{name}"] = results[key]["perplexity"]
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    def show(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+    rows = [(k.replace("_", " "), show(v)) for k, v in summary.items() if v is not None]
+    width = max(len(k) for k, _ in rows) + 2
+    return "Run summary:\n" + "\n".join(f"  {k:<{width}}{v}" for k, v in rows)
+
+
+def finish(cfg, trainer, results: dict) -> dict:
+    """After training, on the main process only: loss_curve.png, run_summary.json, and the summary printed."""
+    if not trainer.is_world_process_zero():
+        return {}
+    out = Path(cfg.output_dir)
+    before = results.get("before_training", {}).get("eval_loss")
+    summary = run_summary(cfg, trainer, results)
+    model = Path(cfg.model_name_or_path).name if Path(cfg.model_name_or_path).is_dir() else cfg.model_name_or_path
+    data = Path(cfg.train_file).name if cfg.train_file else cfg.dataset_name
+    if plot_loss_curve(trainer.state.log_history, out / PLOT_NAME, before, title=f"{model} on {data}"):
+        summary["loss_curve"] = str((out / PLOT_NAME).resolve())
+    save_json(out / SUMMARY_NAME, summary)
+    print("\n" + format_summary(summary))
+    return summary

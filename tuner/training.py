@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
+from .streaming import StreamPosition
+
 logger = logging.getLogger(__name__)
 
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -48,6 +50,9 @@ def build_training_args(cfg, has_eval: bool, total_steps: int | None = None) -> 
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         include_num_input_tokens_seen=True,
+        # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
+        # instead of Trainer re-reading and discarding every batch before it.
+        ignore_data_skip=cfg.streaming,
         use_liger_kernel=False,  # Liger is applied by our loss, not by patching the model
     )
 
@@ -115,4 +120,5 @@ def build_trainer(cfg, model, tokenizer, datasets, args: TrainingArguments) -> T
         processing_class=tokenizer,
         data_collator=default_data_collator,
         use_liger=cfg.use_liger_kernel,
+        callbacks=[StreamPosition()] if cfg.streaming else None,
     )

@@ -1,0 +1,226 @@
+"""Real multi-process training on CPU with the gloo backend, through the launchers users run.
+
+- 2 processes on one machine (example_run.sh cpu-ddp) reach the same losses as 1 process with
+  the same global batch (2 x 2 sequences vs 1 x 4);
+- two "machines" (run_node0.sh and run_node1.sh on 127.0.0.1, each in its own directory as if
+  on its own disk) train together, and only the main process writes checkpoints, logs, model;
+- a worker whose main node never comes up, and a main node whose worker never comes, give up
+  within their bounded waits;
+- no process aborts at teardown (SIGABRT, "terminate called", a traceback).
+
+Why the losses agree to ~1e-6 and not exactly: DDP all-reduces (sums, then averages) the two
+processes' gradients, and each process averages the loss over its own tokens; one process sums
+the same numbers in another order. float32 rounding differs by an ulp or two (measured: at most
+9.5e-7 on a loss of 6.2 over 20 steps, i.e. 2 ulp). TOLERANCE is 100x that: it still catches
+the errors that matter (a loss scaled by the world size, a shard of the data seen twice or never:
+differences of 1e-2 and more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+TOLERANCE = 1e-4  # absolute, on a loss of about 6.2
+STEPS = 6
+TIMEOUT = 240  # seconds per launch: a run takes ~25 s here, but CI machines can be slow
+LAUNCHER_VARS = (
+    "MASTER_ADDR", "MASTER_PORT", "MACHINE_RANK", "NUM_MACHINES", "NUM_PROCESSES", "NPROC_PER_NODE", "GPUS",
+    "GPU", "CONFIG", "ACCELERATE_CONFIG", "DRY_RUN", "WAIT_FOR_MAIN_SECONDS", "RENDEZVOUS_TIMEOUT",
+    "ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+)  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(**settings: str) -> dict[str, str]:
+    """os.environ (offline flags, caches) without launcher settings the caller's shell may hold."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **settings)
+    return env
+
+
+class Launch:
+    """A command started in its own process group, its output in files under `cwd`."""
+
+    def __init__(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]):
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.name, self.cwd, self.started = name, cwd, time.monotonic()
+        self.out, self.err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
+
+    def wait(self, timeout: float = TIMEOUT) -> int:
+        try:
+            self.proc.wait(timeout=max(1.0, timeout - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and the workers it started
+            self.proc.wait()
+            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.tail()}")
+        self.elapsed = time.monotonic() - self.started
+        return self.proc.returncode
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def tail(self, chars: int = 3000) -> str:
+        return f"--- stdout\n{self.stdout[-chars:]}\n--- stderr\n{self.stderr[-chars:]}"
+
+    def assert_clean_exit(self) -> None:
+        """Exit 0, and no abort or stack trace at teardown in any process's output."""
+        code = self.wait()
+        assert code not in (-6, 134), f"{self.name} aborted (SIGABRT):\n{self.tail()}"
+        assert code == 0, f"{self.name} exited {code}:\n{self.tail()}"
+        for marker in ("Traceback", "terminate called", "core dumped", "Fatal Python error"):
+            assert marker not in self.stderr + self.stdout, f"{self.name} printed {marker!r}:\n{self.tail()}"
+
+
+def losses(output_dir: Path) -> tuple[list[float], list[float]]:
+    """(training loss per step, eval losses) from the trainer_state.json of a finished run."""
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return [h["loss"] for h in history if "loss" in h], [h["eval_loss"] for h in history if "eval_loss" in h]
+
+
+def files_under(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_model, corpus_docs, tmp_path_factory) -> Path:
+    """A main.py YAML for a 6-step run of the tiny model; output_dir is relative to the cwd."""
+    directory = tmp_path_factory.mktemp("multiprocess")
+    corpus = directory / "train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs), encoding="utf-8")
+    settings = {
+        "model_name_or_path": tiny_model, "train_file": str(corpus), "output_dir": "out",
+        "max_seq_length": 64, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
+        "max_steps": STEPS, "save_steps": 3, "eval_steps": 3, "logging_steps": 1, "learning_rate": 1e-3,
+        "warmup_steps": 0, "max_eval_samples": 8, "per_device_eval_batch_size": 2,  # 8 = 2 processes x 2 x 2: no padding
+        "report_to": "none", "max_new_tokens": 0, "eval_before_training": False,
+    }  # fmt: skip
+    path = directory / "run.yaml"
+    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
+    return path
+
+
+def test_two_processes_match_one_process(run_config, tmp_path):
+    single = Launch(
+        "single", [sys.executable, str(ROOT / "main.py"), "--config", str(run_config), "--per_device_train_batch_size", "4"],
+        tmp_path / "single", launcher_env(),
+    )  # fmt: skip
+    single.assert_clean_exit()
+    ddp = Launch(
+        "ddp", ["bash", str(ROOT / "example_run.sh"), "cpu-ddp"], tmp_path / "ddp",
+        launcher_env(CONFIG=str(run_config), NPROC_PER_NODE="2", MASTER_PORT=str(free_port())),
+    )  # fmt: skip
+    ddp.assert_clean_exit()
+
+    (train_1, eval_1), (train_2, eval_2) = losses(tmp_path / "single/out"), losses(tmp_path / "ddp/out")
+    assert len(train_1) == len(train_2) == STEPS and len(eval_1) == len(eval_2) == 2
+    worst = max(abs(a - b) for a, b in zip(train_1 + eval_1, train_2 + eval_2))
+    assert worst <= TOLERANCE, f"1 process: {train_1} {eval_1}\n2 processes: {train_2} {eval_2}"
+    assert train_2[-1] < train_2[0], "the loss did not go down"
+    # Two processes really trained together: each saved its RNG state into the shared checkpoint.
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "ddp/out/checkpoint-6"))
+
+
+def test_two_nodes_train_together_and_only_the_main_process_writes(run_config, tmp_path):
+    # Each node runs in its own directory with the relative output_dir "out": as on two machines
+    # without shared storage, whatever a node writes lands in its own directory.
+    settings = dict(CONFIG=str(run_config), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NPROC_PER_NODE="1")
+    extra = ["--report_to", "tensorboard"]  # the same extra flags on both nodes
+    nodes = [
+        Launch(
+            f"node{rank}", ["bash", str(ROOT / f"run_node{rank}.sh"), *extra], tmp_path / f"node{rank}",
+            launcher_env(**settings, TUNER_TOKEN_CACHE=str(tmp_path / f"tokens{rank}")),
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        node.assert_clean_exit()
+
+    main_files, worker_files = files_under(tmp_path / "node0/out"), files_under(tmp_path / "node1/out")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.json", "train_results.json",
+                 "eval_results.json", "run_config.yaml", "checkpoint-3/model.safetensors", "checkpoint-6/optimizer.pt"):  # fmt: skip
+        assert name in main_files, f"node 0 did not write {name}: {sorted(main_files)}"
+    assert any(f.startswith("runs/") for f in main_files), "node 0 wrote no tensorboard log"
+    assert len(losses(tmp_path / "node0/out")[0]) == STEPS
+    # The worker writes only its own RNG state into each checkpoint (Trainer does this on every
+    # process, so a resumed run restores each process's random stream); nothing else.
+    assert worker_files == {"checkpoint-3/rng_state_1.pth", "checkpoint-6/rng_state_1.pth"}, sorted(worker_files)
+    assert {"rng_state_0.pth"} <= set(os.listdir(tmp_path / "node0/out/checkpoint-6"))
+
+    fingerprints = [re.search(r"training-arguments fingerprint (\d+)", n.stderr).group(1) for n in nodes]
+    assert fingerprints[0] == fingerprints[1], "the nodes trained with different arguments"
+
+
+def test_worker_whose_main_node_never_comes_up_fails_in_bounded_time(run_config, tmp_path):
+    port = free_port()  # nothing listens there
+    worker = Launch(
+        "node1", ["bash", str(ROOT / "run_node1.sh")], tmp_path,
+        launcher_env(CONFIG=str(run_config), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1",
+                     WAIT_FOR_MAIN_SECONDS="3"),
+    )  # fmt: skip
+    assert worker.wait() == 2, worker.tail()
+    assert worker.elapsed < 30, f"took {worker.elapsed:.0f} s to give up"
+    assert f"main node 127.0.0.1:{port} not reachable after 3 s" in worker.stderr
+    assert "Start run_node0.sh" in worker.stderr
+    assert "Traceback" not in worker.stderr
+
+
+def test_main_node_whose_worker_never_comes_gives_up(run_config, tmp_path):
+    main = Launch(
+        "node0", ["bash", str(ROOT / "run_node0.sh")], tmp_path,
+        launcher_env(CONFIG=str(run_config), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NPROC_PER_NODE="1",
+                     RENDEZVOUS_TIMEOUT="5"),
+    )  # fmt: skip
+    assert main.wait() != 0, main.tail()
+    assert main.elapsed < 60, f"took {main.elapsed:.0f} s to give up"
+    assert "waiting for clients" in main.stderr, main.tail()
+
+
+@pytest.mark.gpu
+def test_fsdp_trains_on_gpus(run_config, tmp_path):
+    """configs/accelerate/fsdp.yaml with main.py. GPUs only: accelerate enables FSDP only for GPU
+    devices (on CPU it silently runs DDP, which the launchers refuse)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: accelerate runs FSDP only on GPUs")
+    processes = min(2, torch.cuda.device_count())
+    run = Launch(
+        "fsdp",
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/fsdp.yaml"),
+         "--num_processes", str(processes), "--main_process_port", str(free_port()),
+         str(ROOT / "main.py"), "--config", str(run_config), "--per_device_train_batch_size", str(4 // processes)],
+        tmp_path, launcher_env(),
+    )  # fmt: skip
+    run.assert_clean_exit()
+    out = tmp_path / "out"
+    train, _ = losses(out)
+    assert len(train) == STEPS and train[-1] < train[0]
+    assert (out / "checkpoint-6/optimizer.bin").exists(), "no FSDP optimizer state: FSDP was not used"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr(), "tied weights came apart"
