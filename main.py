@@ -47,9 +47,11 @@ def prepare(cfg: Config):
 
 
 def evaluate(trainer, prefix: str) -> dict:
+    """Eval metrics with perplexity; reuses the evaluation Trainer already ran at the final step."""
     from tuner.report import with_perplexity
 
-    metrics = with_perplexity(trainer.evaluate(metric_key_prefix="eval"))
+    logged = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    metrics = with_perplexity(logged[-1] if logged and trainer.state.global_step else trainer.evaluate())
     logger.info("%s: eval_loss %.4f, perplexity %.2f", prefix, metrics["eval_loss"], metrics["perplexity"])
     return metrics
 
