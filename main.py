@@ -77,6 +77,7 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
         report.save_json(Path(cfg.output_dir) / "samples.json", results["samples"])
     results["wall_seconds"] = time.time() - started
     results["summary"] = report.finish(cfg, trainer, results)
+    trainer.accelerator.end_training()  # destroys the process group, so NCCL does not warn at exit
     return results
 
 

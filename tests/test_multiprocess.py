@@ -134,11 +134,20 @@ def test_two_processes_match_one_process(run_config, tmp_path):
         launcher_env(CONFIG=str(run_config), NPROC_PER_NODE="2", MASTER_PORT=str(free_port())),
     )  # fmt: skip
     ddp.assert_clean_exit()
+    # The command users type, with no launcher and no ACCELERATE_USE_CPU: main.py itself makes the
+    # processes join with gloo when there is no GPU.
+    plain = Launch(
+        "plain", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--main_process_port", str(free_port()), str(ROOT / "main.py"), "--config", str(run_config)],
+        tmp_path / "plain", launcher_env(),
+    )  # fmt: skip
+    plain.assert_clean_exit()
 
     (train_1, eval_1), (train_2, eval_2) = losses(tmp_path / "single/out"), losses(tmp_path / "ddp/out")
-    assert len(train_1) == len(train_2) == STEPS and len(eval_1) == len(eval_2) == 2
-    worst = max(abs(a - b) for a, b in zip(train_1 + eval_1, train_2 + eval_2))
-    assert worst <= TOLERANCE, f"1 process: {train_1} {eval_1}\n2 processes: {train_2} {eval_2}"
+    train_3, eval_3 = losses(tmp_path / "plain/out")
+    assert len(train_1) == len(train_2) == len(train_3) == STEPS and len(eval_1) == len(eval_2) == 2
+    worst = max(max(abs(a - b), abs(a - c)) for a, b, c in zip(train_1 + eval_1, train_2 + eval_2, train_3 + eval_3))
+    assert worst <= TOLERANCE, f"1 process: {train_1} {eval_1}\n2 processes: {train_2} {eval_2}\nplain: {train_3}"
     assert train_2[-1] < train_2[0], "the loss did not go down"
     # Two processes really trained together: each saved its RNG state into the shared checkpoint.
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(tmp_path / "ddp/out/checkpoint-6"))

@@ -49,6 +49,10 @@ def build_training_args(cfg, has_eval: bool, total_steps: int | None = None) -> 
         ddp_timeout=cfg.ddp_timeout,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Without a GPU, processes must join with gloo on the CPU even when launched with --multi_gpu
+        # (otherwise accelerate starts N unconnected copies that each train on all the data).
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # every parameter gets a gradient; the search costs a pass
         include_num_input_tokens_seen=True,
         # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
         # instead of Trainer re-reading and discarding every batch before it.
