@@ -77,10 +77,6 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
         report.save_json(Path(cfg.output_dir) / "samples.json", results["samples"])
     results["wall_seconds"] = time.time() - started
     results["summary"] = report.finish(cfg, trainer, results)
-    # Every process gets here before the process group goes, so none waits on a destroyed group;
-    # destroying it ourselves keeps NCCL from warning at exit.
-    trainer.accelerator.wait_for_everyone()
-    trainer.accelerator.end_training()
     return results
 
 
