@@ -36,7 +36,7 @@ def paragraphs(corpus_docs) -> list[str]:
 
 
 def stream_of(path: str, tokenizer, **kwargs) -> streaming.TokenStream:
-    return streaming.TokenStream(streaming.open_local("--train_file", path), tokenizer, "text", T, **kwargs)
+    return streaming.TokenStream(data.load_local("--train_file", path, streaming=True), tokenizer, "text", T, **kwargs)
 
 
 def expected_chunks(path: str, tokenizer) -> np.ndarray:

@@ -74,36 +74,37 @@ def _first_bad_json_line(path: str) -> str | None:
     return None
 
 
-def load_local(flag: str, path: str):
-    """One local file as a datasets.Dataset; parse errors become messages that name the line."""
+def load_local(flag: str, path: str, streaming: bool = False):
+    """One local file as a datasets.Dataset (an IterableDataset when streaming); parse errors
+    become messages that name the line."""
     import datasets
 
     builder = BUILDERS[Path(path).suffix.lower()]
     # .txt: one document per paragraph (blank-line separated), so BOS/EOS mark real boundaries.
     extra = {"sample_by": "paragraph"} if builder == "text" else {}
     try:
-        return datasets.load_dataset(builder, data_files={"data": path}, split="data", **extra)
+        return datasets.load_dataset(builder, data_files={"data": path}, split="data", streaming=streaming, **extra)
     except Exception as exc:  # datasets wraps parser errors in several exception types
         where = _first_bad_json_line(path) if builder == "json" else None
-        detail = f"malformed JSON at {where}" if where else f"could not be parsed as {builder} ({_root_cause(exc)})"
+        detail = f"malformed JSON at {where}" if where else f"could not be parsed as {builder} ({root_cause(exc)})"
         raise UsageError(f"{flag} {path}: {detail}. Fix the file, or check that its extension matches its format.") from None
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None or exc.__context__ is not None:
         exc = exc.__cause__ or exc.__context__
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def load_hub(cfg) -> dict:
+def load_hub(cfg, streaming: bool = False) -> dict:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=False)
+        loaded = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
     except Exception as exc:
         raise UsageError(
             f"--dataset_name {cfg.dataset_name} (--dataset_config_name {cfg.dataset_config_name}): could not be loaded "
-            f"({_root_cause(exc)}). Check the name and config on the hub, your network, or use --train_file."
+            f"({root_cause(exc)}). Check the name and config on the hub, your network, or use --train_file."
         ) from None
     if "train" not in loaded:
         raise UsageError(f"--dataset_name {cfg.dataset_name}: has no 'train' split (it has {', '.join(loaded)}).")
@@ -147,13 +148,14 @@ def split_documents(docs: list[str], percentage: int, seed: int) -> tuple[list[s
 def load_texts(cfg) -> tuple[list[str], list[str], str]:
     """(train texts, validation texts, a fingerprint of the raw data for the token cache)."""
     if cfg.train_file:
-        train_set = load_local("--train_file", cfg.train_file)
-        val_set = load_local("--validation_file", cfg.validation_file) if cfg.validation_file else None
-        train_name, val_name = cfg.train_file, cfg.validation_file
+        train_set, val_set = load_local("--train_file", cfg.train_file), None
+        train_name = cfg.train_file
     else:
         splits = load_hub(cfg)
         train_set, val_set = splits["train"], splits["validation"]
         train_name, val_name = f"{cfg.dataset_name} train", f"{cfg.dataset_name} validation"
+    if cfg.validation_file:  # given, it wins over a hub validation split
+        val_set, val_name = load_local("--validation_file", cfg.validation_file), cfg.validation_file
     train = texts_of(train_set, cfg.text_column, train_name)
     fingerprint = train_set._fingerprint + (val_set._fingerprint if val_set is not None else "")
     if val_set is not None:

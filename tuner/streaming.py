@@ -36,7 +36,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,7 +43,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from . import grouping
-from .data import BUILDERS, ChunkDataset, Datasets, _root_cause
+from .data import ChunkDataset, Datasets, load_hub, load_local, root_cause
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -217,7 +216,7 @@ class TokenStream(torch.utils.data.IterableDataset):
             raise UsageError([f"{problem} ({name})" for problem in error.problems]) from None
         except Exception as exc:  # datasets wraps parser errors in several exception types
             raise UsageError(
-                f"{name}: could not be read as a stream ({_root_cause(exc)}). Fix the data, or check its format."
+                f"{name}: could not be read as a stream ({root_cause(exc)}). Fix the data, or check its format."
             ) from None
         finally:
             first.close()
@@ -276,44 +275,17 @@ def find_stream(dataloader) -> TokenStream:
 # ---------------------------------------------------------------- sources and datasets
 
 
-def open_local(flag: str, path: str):
-    import datasets
-
-    builder = BUILDERS[Path(path).suffix.lower()]
-    extra = {"sample_by": "paragraph"} if builder == "text" else {}  # as data.load_local: one paragraph, one document
-    try:
-        return datasets.load_dataset(builder, data_files={"data": path}, split="data", streaming=True, **extra)
-    except Exception as exc:
-        raise UsageError(f"{flag} {path}: could not be opened as a {builder} stream ({_root_cause(exc)}).") from None
-
-
-def open_hub(cfg) -> dict:
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True)
-    except Exception as exc:
-        raise UsageError(
-            f"--dataset_name {cfg.dataset_name} (--dataset_config_name {cfg.dataset_config_name}): could not be "
-            f"opened as a stream ({_root_cause(exc)}). Check the name and config on the hub, your network, or use "
-            "--train_file."
-        ) from None
-    if "train" not in loaded:
-        raise UsageError(f"--dataset_name {cfg.dataset_name}: has no 'train' split (it has {', '.join(loaded)}).")
-    return {"train": loaded["train"], "validation": loaded.get("validation")}
-
-
 def open_sources(cfg) -> tuple:
     """(train source, its name, validation source or None, its name); names are for messages."""
     if cfg.train_file:
-        train, validation = open_local("--train_file", cfg.train_file), None
+        train, validation = load_local("--train_file", cfg.train_file, streaming=True), None
         train_name = f"--train_file {cfg.train_file}"
     else:
-        splits = open_hub(cfg)
+        splits = load_hub(cfg, streaming=True)
         train, train_name, validation = splits["train"], f"--dataset_name {cfg.dataset_name}", splits["validation"]
     validation_name = f"the validation split of {train_name}"
     if cfg.validation_file:  # given, it wins over a hub validation split
-        validation = open_local("--validation_file", cfg.validation_file)
+        validation = load_local("--validation_file", cfg.validation_file, streaming=True)
         validation_name = f"--validation_file {cfg.validation_file}"
     return train, train_name, validation, validation_name
 
