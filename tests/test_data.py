@@ -69,7 +69,7 @@ def test_unicode_text_round_trips(tmp_path, tokenizer):
 def test_cache_is_reused_and_rebuilt_when_inputs_change(write_corpus, tmp_path, tokenizer, monkeypatch, corpus_docs):
     calls = []
     real = grouping.tokenize_stream
-    monkeypatch.setattr(grouping, "tokenize_stream", lambda tok, texts: calls.append(len(texts)) or real(tok, texts))
+    monkeypatch.setattr(grouping, "tokenize_stream", lambda tok, texts, threads=None: calls.append(len(texts)) or real(tok, texts, threads))
     path = write_corpus("jsonl")
     data.cached_chunks(cfg_for(path, tmp_path), tokenizer)
     assert len(calls) == 2  # train and validation

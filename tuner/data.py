@@ -215,7 +215,7 @@ def _build(cfg, tokenizer, train: list[str], val: list[str], directory: Path) ->
             continue
         started = time.time()
         logger.info("Tokenizing %d %s documents into %d-token chunks", len(texts), split, cfg.max_seq_length)
-        stream = grouping.tokenize_stream(tokenizer, texts)
+        stream = grouping.tokenize_stream(tokenizer, texts, cfg.preprocessing_num_workers)
         too_short_check(split, len(stream), cfg.max_seq_length)
         chunks = grouping.chunk(stream, cfg.max_seq_length)
         np.save(work / f"{split}.npy", chunks)

@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .progress import progress
+
 TOKEN_DTYPE = np.int32
 # Characters per encoding task: big enough that per-call overhead vanishes, small enough that the
 # threads stay evenly loaded until the end and one task's Encoding objects stay a few hundred MB.
@@ -36,10 +38,11 @@ def tokenize_stream(tokenizer, texts: list[str], num_threads: int | None = None)
     batches = list(text_batches(texts, BATCH_CHARS))
     threads = min(num_threads or available_cores(), len(batches))
     if threads <= 1:
-        parts = [encode(batch) for batch in batches]
+        parts = list(progress(map(encode, batches), len(batches), "Tokenizing"))
     else:
         with ThreadPoolExecutor(threads) as pool:
-            parts = list(pool.map(encode, batches))  # in order, whatever order they finish in
+            # in order, whatever order they finish in
+            parts = list(progress(pool.map(encode, batches), len(batches), "Tokenizing"))
     return np.concatenate(parts) if parts else np.empty(0, dtype=TOKEN_DTYPE)
 
 

@@ -143,6 +143,7 @@ def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bo
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, h.to(acc))
+        del grad_logits  # else it lives on beside the next chunk's logits: a second (c, V) buffer
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
     return loss_sum, grad_hidden, grad_weight
@@ -153,14 +154,18 @@ def _chunk_loss(logits, targets, softcap, with_grads):
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as transformers' .float()
     if softcap is not None:
         # Gemma's final_logit_softcapping: cap * tanh(logits / cap), as in the model's forward.
-        squashed = torch.tanh(logits / softcap)
+        squashed = logits.div_(softcap).tanh_()  # in place: the raw logits are not needed again
         logits = squashed * softcap
-    log_norm = torch.logsumexp(logits, dim=-1)  # (c,)
-    loss = (log_norm - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    target_logits = logits.gather(1, targets[:, None]).squeeze(1)  # (c,)
+    # logsumexp by hand, in place: torch.logsumexp would allocate another (c, V) temporary.
+    row_max = logits.amax(dim=-1, keepdim=True)  # (c, 1)
+    exps = logits.sub_(row_max).exp_()  # (c, V), the logits buffer reused
+    sums = exps.sum(dim=-1, keepdim=True)  # (c, 1)
+    loss = (row_max.squeeze(1) + sums.log().squeeze(1) - target_logits).sum()
     if not with_grads:
         return loss, None
-    # d(loss)/d(logits) = softmax - onehot, computed in place to keep one (c, V) buffer.
-    grad = logits.sub_(log_norm[:, None]).exp_()
+    # d(loss)/d(logits) = softmax - onehot, still in the same buffer.
+    grad = exps.div_(sums)
     grad[torch.arange(targets.shape[0], device=grad.device), targets] -= 1
     if softcap is not None:
         grad.mul_(squashed.square_().neg_().add_(1))  # d(cap*tanh(x/cap))/dx = 1 - tanh^2

@@ -73,10 +73,16 @@ class LeanLossTrainer(Trainer):
     def __init__(self, *args, use_liger: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_liger = use_liger
+        # FSDP and ZeRO-3 keep lm_head sharded outside its own forward, where the chunked loss needs it whole.
+        self.lean_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        if not self.lean_loss:
+            logger.warning("FSDP/DeepSpeed shard lm_head: using the standard loss, which holds the full logits")
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .loss import compute_causal_lm_loss
 
+        if not self.lean_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, outputs = compute_causal_lm_loss(model, inputs, num_items_in_batch, use_liger=self.use_liger)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
