@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPTS = sorted(ROOT.glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh"))
+SCRIPTS = sorted(ROOT.glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci/run"]
 LAUNCHER_VARS = (
     "MASTER_ADDR", "MASTER_PORT", "MACHINE_RANK", "NUM_MACHINES", "NUM_PROCESSES", "NPROC_PER_NODE", "GPUS",
     "GPU", "CONFIG", "ACCELERATE_CONFIG", "DRY_RUN", "WAIT_FOR_MAIN_SECONDS", "RENDEZVOUS_TIMEOUT",
