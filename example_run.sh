@@ -19,7 +19,7 @@
 #   CHECKPOINT       resume: a checkpoint directory (default: the latest complete one in output_dir)
 #   CORPUS           quickstart / cpu-ddp / resume: the training file (default data/pydoc_topics.jsonl
 #                    in the repository, CPython's reference docs, written on first use)
-#   PYTHON           interpreter with torch/transformers/accelerate (default: python)
+#   PYTHON           interpreter with torch/transformers/accelerate (default: the active venv, else .venv, else python)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

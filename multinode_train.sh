@@ -22,7 +22,7 @@
 #   ACCELERATE_CONFIG    optional accelerate config, e.g. configs/accelerate/fsdp.yaml; the topology
 #                        settings above override the machine/process counts written in it
 #   CONFIG               main.py YAML (default configs/gemma3-270m-wikitext.yaml; empty: none)
-#   PYTHON               interpreter with torch/transformers/accelerate (default: python)
+#   PYTHON               interpreter with torch/transformers/accelerate (default: the active venv, else .venv, else python)
 #   DRY_RUN=1            check the settings and print the command without running it
 # Extra arguments are passed to main.py. Pass the SAME extra arguments on every node.
 #

@@ -15,7 +15,7 @@
 #   MASTER_PORT      rendezvous port (default 29500); must be free on the main node
 #   CHECK_TIMEOUT    seconds to wait for the main node to answer (default 3)
 #   TUNER_CACHE      where the offline Gemma 3 270M is converted (default ~/.cache/tuner)
-#   PYTHON           interpreter with torch/transformers/accelerate (default: python)
+#   PYTHON           interpreter with torch/transformers/accelerate (default: the active venv, else .venv, else python)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -9,7 +9,13 @@
 #   - a bad setting stops the launcher with exit code 2 and a message naming the variable,
 #     the value received and the fix.
 
-PYTHON="${PYTHON:-python}"   # the interpreter of the environment that has torch and transformers
+# The interpreter of the environment that has torch and transformers: PYTHON if set, else the
+# active virtual environment's python, else the .venv that setup.sh made, else python.
+_setup_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/python"
+if [[ -z "${PYTHON:-}" && -z "${VIRTUAL_ENV:-}" && -x "$_setup_venv" ]]; then
+    PYTHON="$_setup_venv"
+fi
+PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"      # 1: print the command instead of running it
 
 # die MESSAGE [MORE...]: print the message (further arguments as indented lines), exit 2.
