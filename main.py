@@ -57,13 +57,14 @@ def evaluate(trainer, prefix: str) -> dict:
 
 
 def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dict:
-    from tuner import report
+    from tuner import preemption, report
 
     started = time.time()
     results: dict = {}
     if trainer.eval_dataset is not None and cfg.eval_before_training and resume is None:
         results["before_training"] = evaluate(trainer, "Before training")
-    train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
+    with preemption.saving_on_signal(trainer):  # SIGTERM: checkpoint, then exit 143
+        train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model(cfg.output_dir)  # model + tokenizer, main process only
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -109,6 +111,33 @@ def test_interrupted_run_resumes_from_its_last_complete_checkpoint(tiny_model, w
     assert state["global_step"] == straight_state["global_step"] == 6
     # Optimizer, scheduler, RNG and data order are restored: the result matches the uninterrupted run.
     assert resumed["eval"]["eval_loss"] == pytest.approx(straight["eval"]["eval_loss"], rel=1e-4)
+
+
+class SignalAfter(TrainerCallback):
+    """Sends this process a signal in the middle of a run, as a scheduler pre-empting it would."""
+
+    def __init__(self, step: int, signum: int):
+        self.step, self.signum = step, signum
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_from_it(tiny_model, write_corpus, tmp_path, monkeypatch):
+    corpus = write_corpus("jsonl")
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        add_callback(patch, SignalAfter(4, signal.SIGTERM))  # arrives during step 5
+        with pytest.raises(SystemExit) as exit_info:
+            entry.main(tiny_args(tiny_model, corpus, out, "--save_steps", "100"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert training.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-5")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler must not outlive the run"
+    recorder = StepRecorder()
+    add_callback(monkeypatch, recorder)
+    entry.main(tiny_args(tiny_model, corpus, out, "--save_steps", "100"))
+    assert recorder.steps == [6]
 
 
 def test_explicit_resume_from_checkpoint_overrides(tiny_model, write_corpus, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
+from .preemption import SaveOnSignal
 from .streaming import StreamPosition
 
 logger = logging.getLogger(__name__)
@@ -130,5 +131,5 @@ def build_trainer(cfg, model, tokenizer, datasets, args: TrainingArguments) -> T
         processing_class=tokenizer,
         data_collator=default_data_collator,
         use_liger=cfg.use_liger_kernel,
-        callbacks=[StreamPosition()] if cfg.streaming else None,
+        callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
     )
