@@ -109,7 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     model = models.load_model(cfg, model_path, tokenizer)
     trainer = training.build_trainer(cfg, model, tokenizer, datasets, args)
-    return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
+    try:
+        return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
+    except UsageError as error:  # the few found only once training starts (a checkpoint's contents)
+        report_and_exit(error)
 
 
 if __name__ == "__main__":

@@ -204,3 +204,14 @@ def test_streamed_run_resumes_from_the_stream_position_of_its_checkpoint(
     assert seen.rows_before_first_chunk == rows_holding(tokenizer, docs, 12 * T, 13 * T - 1)
     assert seen.rows_before_first_chunk[0] > 5
     assert resumed["eval"]["eval_loss"] == pytest.approx(straight["eval"]["eval_loss"], rel=1e-4)
+
+
+def test_streaming_onto_a_non_streamed_checkpoint_exits_2(tiny_model, write_corpus, tmp_path, capsys):
+    train_file, out = write_corpus("jsonl"), tmp_path / "out"
+    plain = [a for a in tiny_args(tiny_model, train_file, write_corpus("csv", name="val"), out) if a != "--streaming"]
+    entry.main(plain[: plain.index("--max_steps")] + ["--max_steps", "3"] + plain[plain.index("--max_steps") + 2 :])
+    with pytest.raises(SystemExit) as exit_info:
+        entry.main(tiny_args(tiny_model, train_file, write_corpus("csv", name="val"), out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "stream position" in err and "Traceback" not in err
