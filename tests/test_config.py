@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED_DEFAULTS = {
     "model_name_or_path": "google/gemma-3-270m", "use_flash_attention": False, "attn_implementation": None,
-    "dataset_name": None, "dataset_config_name": None, "train_file": None, "validation_file": None,
+    "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1", "train_file": None, "validation_file": None,
     "text_column": "text", "max_seq_length": 2048, "output_dir": "./outputs", "num_train_epochs": 3,
     "max_steps": None, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
     "gradient_accumulation_steps": 8, "learning_rate": 2e-5, "weight_decay": 0.01, "warmup_steps": 500,
@@ -38,6 +38,12 @@ def test_help_lists_every_flag_with_its_default():
     for name in EXPECTED_DEFAULTS:
         assert f"--{name}" in out, name
     assert "(default: google/gemma-3-270m)" in out and "(default: 2048)" in out
+
+
+def test_with_no_data_named_the_dataset_is_wikitext_2():
+    cfg = parse_args([])
+    assert (cfg.dataset_name, cfg.dataset_config_name) == ("wikitext", "wikitext-2-raw-v1")
+    assert parse_args(["--train_file", "a.jsonl"]).dataset_name is None
 
 
 def test_bool_flags_take_an_optional_value():

@@ -80,7 +80,12 @@ CASES = [
         ["--model_name_or_path", "cannot be loaded", "offline:gemma-3-270m"],
     ),
     ("output_dir under a file", lambda d: ["--output_dir", str(Path(write(d / "f", "x")) / "out")], ["--output_dir", "is a file"]),
-    ("no data at all", lambda d: ["--train_file", "", "--dataset_name", ""], ["No training data", "--train_file PATH"]),
+    (
+        "default hub dataset unreachable offline",
+        lambda d: ["--train_file", "", "--dataset_name", ""],
+        ["--dataset_name wikitext (--dataset_config_name wikitext-2-raw-v1): could not be loaded", "use --train_file"],
+    ),
+    ("validation file without training data", lambda d: ["--train_file", "", "--validation_file", write(d / "v.jsonl", '{"text": "x"}\n')], ["needs --train_file or --dataset_name"]),
     ("validation split 100", lambda d: ["--validation_split_percentage", "100"], ["--validation_split_percentage 100", "0 to 99"]),
     ("streaming without max_steps", lambda d: ["--streaming"], ["--streaming", "--max_steps"]),
     (

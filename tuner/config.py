@@ -44,7 +44,9 @@ class Config:
     )
     use_liger_kernel: bool = _opt(False, "Use Liger's fused linear cross-entropy (CUDA + liger-kernel only).")
     # --- data ---
-    dataset_name: str | None = _opt(None, "Hub dataset name, e.g. wikitext.")
+    dataset_name: str | None = _opt(
+        None, "Hub dataset name. With neither this nor --train_file: wikitext (config wikitext-2-raw-v1)."
+    )
     dataset_config_name: str | None = _opt(None, "Hub dataset config, e.g. wikitext-2-raw-v1.")
     train_file: str | None = _opt(None, "Local training file: .json, .jsonl, .csv, .txt or .parquet.")
     validation_file: str | None = _opt(None, "Local validation file (same formats as --train_file).")
@@ -214,7 +216,17 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if known.config:
         parser.set_defaults(**load_yaml(known.config))
     namespace = parser.parse_args(argv)
-    return Config(**vars(namespace))
+    return with_default_dataset(Config(**vars(namespace)))
+
+
+DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1")
+
+
+def with_default_dataset(cfg: Config) -> Config:
+    """`python main.py --bf16` fine-tunes on wikitext-2: the hub dataset used when no data is named."""
+    if not cfg.train_file and not cfg.dataset_name and not cfg.validation_file:
+        cfg.dataset_name, cfg.dataset_config_name = DEFAULT_DATASET
+    return cfg
 
 
 def to_yaml(cfg: Config) -> str:
