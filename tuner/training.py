@@ -106,7 +106,7 @@ def latest_complete_checkpoint(output_dir: str) -> str | None:
     found = sorted(
         ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True
     )
-    for step, path in found:
+    for _step, path in found:
         if is_complete_checkpoint(path):
             return str(path)
         logger.warning("Skipping %s: incomplete (interrupted while saving?)", path)
