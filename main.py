@@ -85,9 +85,10 @@ def dry_run(cfg: Config, model_config, datasets) -> dict:
     """Print the resolved config and the derived numbers; load no weights and write nothing."""
     from tuner import estimate
 
+    numbers = estimate.estimate(cfg, model_config, datasets, world_size())
     print(to_yaml(cfg))
-    print(estimate.dry_run_report(cfg, model_config, datasets, world_size()))
-    return {"dry_run": True, **estimate.estimate(cfg, model_config, datasets, world_size())}
+    print(estimate.format_report(cfg, numbers))
+    return {"dry_run": True, **numbers}
 
 
 def main(argv: list[str] | None = None) -> dict:

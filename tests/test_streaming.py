@@ -167,7 +167,7 @@ def record_training(monkeypatch, crash_after_step: int | None = None) -> SimpleN
 
 def rows_holding(tokenizer, docs: list[str], first_token: int, last_token: int) -> list[int]:
     """Rows whose [BOS] ids [EOS] overlap tokens first_token..last_token of the stream."""
-    lengths = np.array([len(ids) + 2 for ids in streaming.document_ids(tokenizer, docs)])
+    lengths = np.array([len(ids) + 2 for ids in grouping.document_ids(tokenizer, docs)])
     ends = np.cumsum(lengths)
     starts = ends - lengths
     return [row for row, (s, e) in enumerate(zip(starts, ends)) if s <= last_token and e > first_token]

@@ -111,8 +111,8 @@ def load_hub(cfg, streaming: bool = False) -> dict:
     return {"train": loaded["train"], "validation": loaded.get("validation")}
 
 
-def texts_of(dataset, column: str, source: str) -> list[str]:
-    """The non-empty texts of one column, after checking the column exists and holds strings."""
+def check_column(dataset, column: str, source: str) -> None:
+    """The column exists and holds strings: a look at the schema, no rows read."""
     if column not in dataset.column_names:
         raise UsageError(
             f"--text_column {column}: {source} has no such column; it has: {', '.join(dataset.column_names)}. "
@@ -123,6 +123,11 @@ def texts_of(dataset, column: str, source: str) -> list[str]:
         raise UsageError(
             f"--text_column {column}: in {source} this column holds {dtype}, not text. Choose a column of strings."
         )
+
+
+def texts_of(dataset, column: str, source: str) -> list[str]:
+    """The non-empty texts of one column, after checking the column exists and holds strings."""
+    check_column(dataset, column, source)
     texts = [t for t in dataset[column] if t is not None and t.strip()]
     if not texts:
         raise UsageError(f"--text_column {column}: every row of {source} is empty. Give a file with text in it.")
@@ -145,23 +150,41 @@ def split_documents(docs: list[str], percentage: int, seed: int) -> tuple[list[s
     return [d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held]
 
 
-def load_texts(cfg) -> tuple[list[str], list[str], str]:
-    """(train texts, validation texts, a fingerprint of the raw data for the token cache)."""
+@dataclass
+class Sources:
+    """The loaded (not yet read) training data and validation data, with names for messages."""
+
+    train: object
+    train_name: str
+    validation: object | None
+    validation_name: str | None
+
+    @property
+    def fingerprint(self) -> str:
+        """datasets' own fingerprint of the raw data: changes when a file or hub revision does."""
+        return self.train._fingerprint + (self.validation._fingerprint if self.validation is not None else "")
+
+
+def load_sources(cfg) -> Sources:
     if cfg.train_file:
-        train_set, val_set = load_local("--train_file", cfg.train_file), None
-        train_name = cfg.train_file
+        sources = Sources(load_local("--train_file", cfg.train_file), cfg.train_file, None, None)
     else:
         splits = load_hub(cfg)
-        train_set, val_set = splits["train"], splits["validation"]
-        train_name, val_name = f"{cfg.dataset_name} train", f"{cfg.dataset_name} validation"
+        sources = Sources(splits["train"], f"{cfg.dataset_name} train", splits["validation"], f"{cfg.dataset_name} validation")
     if cfg.validation_file:  # given, it wins over a hub validation split
-        val_set, val_name = load_local("--validation_file", cfg.validation_file), cfg.validation_file
-    train = texts_of(train_set, cfg.text_column, train_name)
-    fingerprint = train_set._fingerprint + (val_set._fingerprint if val_set is not None else "")
-    if val_set is not None:
-        return train, texts_of(val_set, cfg.text_column, val_name), fingerprint
-    train, val = split_documents(train, cfg.validation_split_percentage, cfg.seed)
-    return train, val, fingerprint
+        sources.validation, sources.validation_name = load_local("--validation_file", cfg.validation_file), cfg.validation_file
+    check_column(sources.train, cfg.text_column, sources.train_name)
+    if sources.validation is not None:
+        check_column(sources.validation, cfg.text_column, sources.validation_name)
+    return sources
+
+
+def load_texts(cfg, sources: Sources) -> tuple[list[str], list[str]]:
+    """(train texts, validation texts): the given validation data, else documents held out of train."""
+    train = texts_of(sources.train, cfg.text_column, sources.train_name)
+    if sources.validation is not None:
+        return train, texts_of(sources.validation, cfg.text_column, sources.validation_name)
+    return split_documents(train, cfg.validation_split_percentage, cfg.seed)
 
 
 # ---------------------------------------------------------------- token cache
@@ -181,10 +204,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(f"{text}|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}".encode()).hexdigest()
 
 
-def cache_key(cfg, data_fingerprint: str, tokenizer) -> str:
+def cache_key(cfg, sources: Sources, tokenizer) -> str:
+    held_out = cfg.validation_split_percentage if sources.validation is None else "given"
     parts = [
-        CACHE_FORMAT, data_fingerprint, tokenizer_fingerprint(tokenizer), cfg.max_seq_length, cfg.text_column,
-        cfg.validation_split_percentage if not (cfg.validation_file or cfg.dataset_name) else "given", cfg.seed,
+        CACHE_FORMAT, sources.fingerprint, tokenizer_fingerprint(tokenizer), cfg.max_seq_length, cfg.text_column,
+        held_out, cfg.seed,
     ]  # fmt: skip
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:24]
 
@@ -206,7 +230,8 @@ def _wait_for(directory: Path, poll_seconds: float = 2.0) -> None:
         waited += poll_seconds
 
 
-def _build(cfg, tokenizer, train: list[str], val: list[str], directory: Path) -> None:
+def _build(cfg, tokenizer, sources: Sources, directory: Path) -> None:
+    train, val = load_texts(cfg, sources)  # read the rows only now: a cache hit never needs them
     work = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -239,13 +264,13 @@ def too_short_check(split: str, n_tokens: int, seq_len: int) -> None:
 
 def cached_chunks(cfg, tokenizer) -> dict[str, np.ndarray]:
     """{'train': (N, T) int32, 'validation': (M, T) or absent}, built once and memory-mapped after."""
-    train, val, fingerprint = load_texts(cfg)
-    directory = token_cache_root(cfg) / cache_key(cfg, fingerprint, tokenizer)
+    sources = load_sources(cfg)
+    directory = token_cache_root(cfg) / cache_key(cfg, sources, tokenizer)
     if (directory / "done").exists():
         logger.info("Reusing tokenized data from %s", directory)
     elif is_local_main():
         try:
-            _build(cfg, tokenizer, train, val, directory)
+            _build(cfg, tokenizer, sources, directory)
         except UsageError as error:
             directory.parent.mkdir(parents=True, exist_ok=True)
             directory.with_suffix(".failed").write_text(str(error), encoding="utf-8")

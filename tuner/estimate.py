@@ -146,10 +146,7 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
 
 def estimate(cfg, model_config, datasets, world_size: int) -> dict:
     """Every derived number of the run, without loading weights. `datasets` is a tuner.data.Datasets."""
-    try:
-        train_chunks = len(datasets.train)
-    except TypeError:  # a streamed dataset has no length
-        train_chunks = None
+    train_chunks = datasets.train_chunks  # None for a stream
     params = count_parameters(model_config)
     return {
         "world_size": world_size,

@@ -70,20 +70,19 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _encoder(tokenizer, bos_id: int | None, eos_id: int | None):
-    """A function: list of texts -> their separated stream (n,) int32."""
+def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text without special tokens; join_documents adds BOS and EOS."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]  # a slow tokenizer: correct, not fast
 
-        def ids_of(texts):
-            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    else:  # a slow (pure-Python) tokenizer: correct, just not fast
 
-        def ids_of(texts):
-            return tokenizer(texts, add_special_tokens=False)["input_ids"]
+def _encoder(tokenizer, bos_id: int | None, eos_id: int | None):
+    """A function: list of texts -> their separated stream (n,) int32."""
 
     def encode(texts: list[str]) -> np.ndarray:
-        return join_documents(ids_of(texts), bos_id, eos_id)
+        return join_documents(document_ids(tokenizer, texts), bos_id, eos_id)
 
     return encode
 

@@ -33,12 +33,6 @@ def liger_problem(cuda_available: bool, installed: bool) -> str | None:
     return None
 
 
-def liger_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
 def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 

@@ -20,11 +20,8 @@ def perplexity(loss: float) -> float:
         return float("inf")
 
 
-def with_perplexity(metrics: dict, prefix: str = "eval") -> dict:
-    key = f"{prefix}_loss"
-    if key in metrics:
-        metrics = {**metrics, f"{prefix}_perplexity" if prefix != "eval" else "perplexity": perplexity(metrics[key])}
-    return metrics
+def with_perplexity(metrics: dict) -> dict:
+    return {**metrics, "perplexity": perplexity(metrics["eval_loss"])} if "eval_loss" in metrics else metrics
 
 
 def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:

@@ -98,14 +98,6 @@ def documents(source, column: str, start: Position, keep: Callable[[int], bool])
         state = source.state_dict()
 
 
-def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Token ids of each text without special tokens; grouping.join_documents adds BOS and EOS."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]  # no offsets: faster
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
-
-
 def batched_by_size(docs: Iterable[tuple[Position, str]], max_chars: int) -> Iterator[list[tuple[Position, str]]]:
     batch, size = [], 0
     for doc in docs:
@@ -129,7 +121,7 @@ def chunks(tokenizer, docs: Iterable[tuple[Position, str]], seq_len: int, start:
     marks: deque[tuple[int, Position]] = deque()  # (token index where a document starts, its position)
     chunk, epoch_chunk = start.chunk, start.epoch_chunk
     for batch in batched_by_size(docs, TOKENIZE_CHARS):
-        ids = document_ids(tokenizer, [text for _, text in batch])
+        ids = grouping.document_ids(tokenizer, [text for _, text in batch])
         flat = grouping.join_documents(ids, bos, eos)
         for (position, _), doc in zip(batch, ids):
             marks.append((appended, position))
