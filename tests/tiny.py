@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 VOCAB = 512
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]
+# Gemma's turn markers are special tokens, as in the real tokenizer (ids 105/106 there, 4/5 here).
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
 def training_text() -> list[str]:
