@@ -83,7 +83,11 @@ def test_install_picks_file_then_own_then_shipped(tmp_path):
     assert chat_template.install_chat_template(tok) == "the tokenizer's own chat template"
     assert tok.chat_template == own
     file = tmp_path / "t.jinja"
-    file.write_text("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    file.write_text(
+        "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}",
+        encoding="utf-8",
+    )
     assert chat_template.install_chat_template(tok, str(file)) == f"--chat_template {file}"
     assert tok.apply_chat_template([msg(U, "q")], tokenize=False) == "<bos>[user]q"
 
@@ -109,6 +113,9 @@ def test_template_file_problems(tmp_path):
     assert problem.startswith(f"--chat_template {broken}: not valid Jinja") and "line 1" in problem
     with pytest.raises(UsageError, match="not valid Jinja"):
         chat_template.install_chat_template(build_tokenizer(), str(broken))
+    no_prompt = tmp_path / "no_prompt.jinja"
+    no_prompt.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    assert "ignores add_generation_prompt" in chat_template.template_file_problems(str(no_prompt))[0]
 
 
 def test_saved_model_chats_and_stops_at_end_of_turn(tmp_path):

@@ -86,6 +86,12 @@ def template_file_problems(path: str | None) -> list[str]:
         jinja2.Environment().parse(source)
     except jinja2.TemplateSyntaxError as error:
         return [f"--chat_template {path}: not valid Jinja (line {error.lineno}: {error.message}). Fix the template."]
+    if "add_generation_prompt" not in source:
+        # without it the answer's role header would count as the answer (trained), and chat could not prompt a reply
+        return [
+            f"--chat_template {path}: the template ignores add_generation_prompt. Render the assistant turn's header "
+            "under {% if add_generation_prompt %}...{% endif %} at the end, as transformers' chat templates do."
+        ]
     return []
 
 
