@@ -134,7 +134,11 @@ def answer_spans(
     texts = render(tokenizer, conversations)
     requests = [(k, i) for k, indices in enumerate(answers) for i in indices]
     befores = render(tokenizer, [conversations[k][:i] for k, i in requests], add_generation_prompt=True)
-    throughs = render(tokenizer, [conversations[k][: i + 1] for k, i in requests])
+    # Rendering is most of the time spent here (Jinja, in Python): an answer that ends its conversation
+    # (the usual case) ends where the whole rendering ends, so only the others are rendered again.
+    inner = [(k, i) for k, i in requests if i + 1 < len(conversations[k])]
+    rendered_inner = dict(zip(inner, render(tokenizer, [conversations[k][: i + 1] for k, i in inner])))
+    throughs = [rendered_inner.get((k, i), texts[k]) for k, i in requests]
     spans: list[list[tuple[int, int]]] = [[] for _ in conversations]
     for (k, i), before, through in zip(requests, befores, throughs):
         text = texts[k]
