@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from tuner.config import Config, parse_args, to_yaml
+from tuner.config import Config, build_config, parse_namespace, to_yaml
 from tuner.errors import UsageError, report_and_exit
 
 logger = logging.getLogger("tuner")
@@ -28,22 +28,29 @@ def setup_logging() -> None:
     )  # fmt: skip
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def configure(argv: list[str] | None) -> Config:
+    """Options parsed and checked: every problem that needs neither weights nor data, raised at once."""
+    from tuner import validate
+
+    namespace = parse_namespace(argv)
+    validate.validate(namespace)
+    return build_config(namespace)
 
 
 def prepare(cfg: Config):
     """Every check and every cheap load, before model weights load:
     (model path, model config, tokenizer, datasets)."""
-    from tuner import data, models, streaming, validate
+    from tuner import data, estimate, models, streaming, training, validate
 
-    validate.validate(cfg)
     model_path = models.resolve(cfg.model_name_or_path)
     model_config = models.load_config(cfg, model_path)
     validate.check_against_model(cfg, model_config)
     tokenizer = models.load_tokenizer(cfg, model_path)
     build = streaming.build_streaming_datasets if cfg.streaming else data.build_datasets
-    return model_path, model_config, tokenizer, build(cfg, tokenizer)
+    datasets = build(cfg, tokenizer)
+    steps = estimate.step_counts(cfg, datasets.train_chunks, cfg.world_size)["total_steps"]
+    training.finalize(cfg, datasets.eval is not None, steps)
+    return model_path, model_config, tokenizer, datasets
 
 
 def evaluate(trainer, prefix: str) -> dict:
@@ -85,31 +92,30 @@ def dry_run(cfg: Config, model_config, datasets) -> dict:
     """Print the resolved config and the derived numbers; load no weights and write nothing."""
     from tuner import estimate
 
-    numbers = estimate.estimate(cfg, model_config, datasets, world_size())
-    print(to_yaml(cfg))
-    print(estimate.format_report(cfg, numbers))
+    numbers = estimate.estimate(cfg, model_config, datasets, cfg.world_size)
+    if cfg.process_index == 0:
+        print(to_yaml(cfg))
+        print(estimate.format_report(cfg, numbers))
     return {"dry_run": True, **numbers}
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     try:
-        cfg = parse_args(argv)
+        cfg = configure(argv)
         model_path, model_config, tokenizer, datasets = prepare(cfg)
     except UsageError as error:
         report_and_exit(error)
     if cfg.dry_run:
         return dry_run(cfg, model_config, datasets)
 
-    from tuner import estimate, models, training
+    from tuner import models, training
 
-    steps = estimate.step_counts(cfg, datasets.train_chunks, world_size())["total_steps"]
-    args = training.build_training_args(cfg, datasets.eval is not None, steps)
-    if args.should_save:
+    if cfg.should_save:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     model = models.load_model(cfg, model_path, tokenizer)
-    trainer = training.build_trainer(cfg, model, tokenizer, datasets, args)
+    trainer = training.build_trainer(cfg, model, tokenizer, datasets)
     try:
         return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
     except UsageError as error:  # the few found only once training starts (a checkpoint's contents)

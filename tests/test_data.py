@@ -83,11 +83,11 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(write_corpus, tmp_path, 
 
 
 def test_waiting_ranks_reuse_the_main_process_cache(write_corpus, tmp_path, tokenizer, monkeypatch):
-    path = write_corpus("jsonl")
-    built = data.cached_chunks(cfg_for(path, tmp_path), tokenizer)
+    cfg = cfg_for(write_corpus("jsonl"), tmp_path)
+    built = data.cached_chunks(cfg, tokenizer)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(grouping, "tokenize_stream", lambda *a: pytest.fail("a non-main rank tokenized"))
-    again = data.cached_chunks(cfg_for(path, tmp_path), tokenizer)
+    again = data.cached_chunks(cfg, tokenizer)
     assert np.array_equal(np.asarray(again["train"]), np.asarray(built["train"]))
 
 

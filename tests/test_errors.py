@@ -93,7 +93,35 @@ CASES = [
         lambda d: ["--config", write(d / "c.yaml", "learning_rat: 1.0e-4\n")],
         ["unknown key 'learning_rat'", "Did you mean 'learning_rate'"],
     ),
-    ("yaml value of the wrong type", lambda d: ["--config", write(d / "c.yaml", "max_steps: many\n")], ["max_steps", "'many'", "not of type int"]),
+    ("yaml value of the wrong type", lambda d: ["--config", write(d / "c.yaml", "max_steps: many\n")], ["max_steps", "'many'", "of type int"]),
+    ("optimizer that does not exist", lambda d: ["--optim", "adamw_nope"], ["--optim", "'adamw_nope'", "adamw_torch"]),
+    ("scheduler that does not exist", lambda d: ["--lr_scheduler_type", "cosinus"], ["--lr_scheduler_type", "'cosinus'", "cosine"]),
+    ("a number that is not one", lambda d: ["--learning_rate", "fast"], ["--learning_rate", "'fast'", "float"]),
+    (
+        "best model without evaluation",
+        lambda d: ["--load_best_model_at_end", "--eval_strategy", "no"],
+        ["--load_best_model_at_end", "--eval_strategy is no", "--eval_strategy steps"],
+    ),
+    (
+        "best model without validation data",
+        lambda d: ["--load_best_model_at_end", "--validation_split_percentage", "0"],
+        ["--load_best_model_at_end", "no validation data", "--validation_file"],
+    ),
+    (
+        "best model when saves miss evaluations",
+        lambda d: ["--load_best_model_at_end", "--save_steps", "5", "--eval_steps", "2"],
+        ["--save_steps 5", "multiple of --eval_steps 2"],
+    ),
+    ("plateau scheduler without evaluation", lambda d: ["--lr_scheduler_type", "reduce_lr_on_plateau", "--eval_strategy", "no"], ["reduce_lr_on_plateau", "--eval_strategy"]),
+    ("deepspeed on cpu", lambda d: ["--deepspeed", "ds.json"], ["--deepspeed ds.json", "CUDA"]),
+    ("fsdp on cpu", lambda d: ["--fsdp", "full_shard"], ["--fsdp full_shard", "CUDA"]),
+    ("torch compile with liger", lambda d: ["--torch_compile", "--use_liger_kernel"], ["--torch_compile with --use_liger_kernel"]),
+    (
+        "stream with dataloader workers",
+        lambda d: ["--streaming", "--max_steps", "5", "--dataloader_num_workers", "2"],
+        ["--dataloader_num_workers 2 with --streaming", "0"],
+    ),
+    ("label smoothing above 1", lambda d: ["--label_smoothing_factor", "1.5"], ["--label_smoothing_factor 1.5", "below 1"]),
 ]
 
 
@@ -196,4 +224,4 @@ def test_unknown_flag_exits_2(sandbox, capsys):
     with pytest.raises(SystemExit) as exit_info:
         entry.main(base + ["--learning_rat", "1e-4"])
     assert exit_info.value.code == 2
-    assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
+    assert "unknown flag '--learning_rat'. Did you mean 'learning_rate'?" in capsys.readouterr().err

@@ -47,24 +47,16 @@ def test_parameter_count_of_untied_embeddings_counts_lm_head():
     assert counted["parameters"] == sum(p.numel() for p in real.parameters()) == 107_200 + VOCAB * 64
 
 
-@pytest.mark.parametrize("world", [1, 2, 3])
-@pytest.mark.parametrize("flags", [(), ("--max_steps", "7"), ("--num_train_epochs", "2.5"), ("--gradient_accumulation_steps", "64")])
-def test_effective_batch(monkeypatch, world, flags):
-    cfg = config("--max_seq_length", "2048", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", *flags)
-    monkeypatch.setenv("WORLD_SIZE", str(world))
-    counts = estimate.step_counts(cfg, 1001, world)
-    sequences = 4 * cfg.gradient_accumulation_steps * world
-    assert counts["effective_batch_sequences"] == sequences
-    assert counts["effective_batch_tokens"] == sequences * 2048
-
-
 def test_epoch_arithmetic_by_hand():
     cfg = config("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", "--num_train_epochs", "3")
-    # 1001 chunks over 2 processes x 4 = 126 batches; 126 // 8 = 15 steps per epoch, 45 in all.
+    # 1001 chunks over 2 processes x 4 = 125.1 -> 126 batches per process; the last 6 of them make
+    # a partial accumulation window, which is a step: ceil(126 / 8) = 16 steps per epoch, 48 in all.
     assert estimate.step_counts(cfg, 1001, 2) == {
         "effective_batch_sequences": 64, "effective_batch_tokens": 64 * 2048,
-        "steps_per_epoch": 15, "total_steps": 45, "epochs": 3.0,
+        "steps_per_epoch": 16, "total_steps": 48, "epochs": 3.0,
     }  # fmt: skip
+    drop = config("--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "8", "--dataloader_drop_last")
+    assert estimate.step_counts(drop, 1001, 2)["steps_per_epoch"] == 16  # 125 batches: still a partial window
 
 
 def test_activation_formula_on_the_tiny_config(tiny):
@@ -105,7 +97,7 @@ def test_activation_formula_tracks_what_autograd_saves(tiny, bf16):
     per_token = estimate.activation_bytes_per_token(tiny.config, 2 if bf16 else 4, bf16, "sdpa", 64)
     weight_copies = 2 * sum(p.numel() for p in tiny.parameters()) / 128 if bf16 else 0  # per token of 2 x 64
     predicted = tiny.config.num_hidden_layers * per_token["layer"] + per_token["outside"] + weight_copies
-    # Within 3% here; per-row extras (norm statistics, logsumexp) weigh more at tiny widths than at 270M.
+    # Within 6% here (1% at 270M): per-row extras (norm statistics, logsumexp) weigh more at tiny widths.
     assert measured == pytest.approx(predicted, rel=0.06), measured / predicted
 
 
@@ -149,12 +141,12 @@ def test_report_text_names_the_numbers(tiny):
     text = estimate.dry_run_report(cfg, tiny.config, datasets(100, 5, 64), 2)
     for expected in (
         "effective batch", "12 sequences = 2 per device x 3 accumulation x 2 process(es)", "768 = 12 x 64",
-        "6,400 tokens in 100 chunks of 64", "320 tokens in 5 chunks", "24 (3 epochs)", "107,200", "tied with lm_head",
+        "6,400 tokens in 100 chunks of 64", "320 tokens in 5 chunks", "27 (3 epochs)", "107,200", "tied with lm_head",
         "ESTIMATE", "weights", "gradients", "optimizer state", "activations", "logits (chunked loss)", "DDP gradient buckets", "total", "standard loss",
     ):  # fmt: skip
         assert expected in text, expected
-    # 100 chunks over 2 processes x 2 = 25 batches; 25 // 3 accumulation = 8 steps per epoch
-    assert [line.split()[-1] for line in text.splitlines() if "steps per epoch" in line] == ["8"]
+    # 100 chunks over 2 processes x 2 = 25 batches; ceil(25 / 3) accumulation windows = 9 steps per epoch
+    assert [line.split()[-1] for line in text.splitlines() if "steps per epoch" in line] == ["9"]
 
 
 def test_streamed_data_without_length_uses_max_steps(tiny):

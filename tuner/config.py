@@ -1,7 +1,14 @@
-"""Every option as a typed dataclass field whose help text becomes `--help`.
+"""Every option: ours as typed dataclass fields, and every field of the installed
+`transformers.TrainingArguments`, parsed by `transformers.HfArgumentParser`.
+
+`Config` is a `TrainingArguments` subclass that adds our options (as TRL's `SFTConfig` does), so
+the rest of the package reads one object (`cfg.learning_rate`, `cfg.max_seq_length`) and the
+Trainer takes it as its `args`. A field a future transformers release adds appears as a flag with
+no code change here. Where this project's default differs from transformers', `OUR_DEFAULTS`
+says so and why, and `--help` shows our value.
 
 Precedence: field defaults < `--config FILE.yaml` < command-line flags. YAML keys are the flag
-names; an unknown key or flag is an error. Names follow `TrainingArguments` where one exists.
+names; an unknown key or flag is an error that names the nearest valid one.
 """
 
 from __future__ import annotations
@@ -9,17 +16,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
+import logging
+import os
 import re
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from transformers import HfArgumentParser, TrainingArguments
 
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = ["The Python interpreter", "In this tutorial, we"]
 
@@ -31,8 +44,9 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 
 
 @dataclass
-class Config:
-    # --- model ---
+class ModelOptions:
+    _argument_group_name = "model"
+
     model_name_or_path: str = _opt(
         "google/gemma-3-270m",
         "Hub id or local directory of a causal LM. 'offline:gemma-3-270m' is the bundled Gemma 3 270M "
@@ -42,8 +56,12 @@ class Config:
     attn_implementation: str | None = _opt(
         None, "Attention kernel passed to transformers: eager, sdpa, flash_attention_2. Default: the model's choice."
     )
-    use_liger_kernel: bool = _opt(False, "Use Liger's fused linear cross-entropy (CUDA + liger-kernel only).")
-    # --- data ---
+
+
+@dataclass
+class DataOptions:
+    _argument_group_name = "data"
+
     dataset_name: str | None = _opt(
         None, "Hub dataset name. With neither this nor --train_file: wikitext (config wikitext-2-raw-v1)."
     )
@@ -57,138 +75,169 @@ class Config:
     )
     max_train_samples: int | None = _opt(None, "Keep at most this many training chunks (for quick runs).")
     max_eval_samples: int | None = _opt(None, "Keep at most this many evaluation chunks.")
-    preprocessing_num_workers: int | None = _opt(None, "Processes for tokenization. Default: all cores.")
+    preprocessing_num_workers: int | None = _opt(None, "Threads for tokenization. Default: all cores.")
     streaming: bool = _opt(False, "Read the data as a stream, tokenizing and chunking on the fly (needs --max_steps).")
     cache_dir: str | None = _opt(None, "Where tokenized data is cached. Default: ~/.cache/tuner/tokens.")
-    # --- training (TrainingArguments names) ---
-    output_dir: str = _opt("./outputs", "Where checkpoints, logs, metrics and the final model go.")
-    num_train_epochs: float = _opt(3.0, "Passes over the training data (ignored when --max_steps is set).")
-    max_steps: int | None = _opt(None, "Total optimizer steps; overrides --num_train_epochs.")
-    per_device_train_batch_size: int = _opt(4, "Sequences per device per forward pass in training.")
-    per_device_eval_batch_size: int = _opt(4, "Sequences per device per forward pass in evaluation.")
-    gradient_accumulation_steps: int = _opt(8, "Forward passes per optimizer step.")
-    learning_rate: float = _opt(2e-5, "Peak learning rate of AdamW.")
-    weight_decay: float = _opt(0.01, "AdamW weight decay.")
-    warmup_steps: int = _opt(500, "Linear warm-up steps (clamped to the total steps, with a warning).")
-    bf16: bool = _opt(False, "Train in bfloat16 mixed precision (GPUs with bf16 support).")
-    fp16: bool = _opt(False, "Train in float16 mixed precision (refused for Gemma 3: its activations overflow).")
-    gradient_checkpointing: bool = _opt(False, "Recompute activations in backward to save memory.")
-    logging_steps: int = _opt(10, "Log the training loss every N steps.")
-    save_steps: int = _opt(500, "Save a checkpoint every N steps.")
-    eval_steps: int = _opt(500, "Evaluate every N steps.")
-    save_total_limit: int | None = _opt(3, "Keep at most this many checkpoints.")
-    report_to: str = _opt("tensorboard", "Where to log: tensorboard, wandb or none.", choices=["tensorboard", "wandb", "none"])
-    resume_from_checkpoint: str | None = _opt(
-        None, "Resume from this checkpoint. Default: the latest complete checkpoint in --output_dir, if any."
-    )
-    seed: int = _opt(42, "Random seed.")
-    ddp_timeout: int = _opt(
-        7200, "Seconds a collective may wait before the run is aborted (multi-process runs)."
-    )
-    # --- run ---
+
+
+@dataclass
+class RunOptions:
+    _argument_group_name = "run"
+
     config: str | None = _opt(None, "YAML file whose keys are flag names; command-line flags override it.")
     dry_run: bool = _opt(False, "Validate, print the resolved config and derived numbers, and exit.")
     eval_before_training: bool = _opt(True, "Evaluate once before training, to show the gain.")
-    sample_prompts: list[str] = _opt(DEFAULT_PROMPTS, "Prompts the fine-tuned model continues at the end.", nargs="*")
+    sample_prompts: list[str] = _opt(DEFAULT_PROMPTS, "Prompts the fine-tuned model continues at the end.")
     max_new_tokens: int = _opt(40, "Tokens generated for each sample prompt (0 skips generation).")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# TrainingArguments fields whose default here differs from transformers': (our default, why).
+OUR_DEFAULTS: dict[str, tuple[Any, str]] = {
+    "output_dir": ("./outputs", "a directory of its own, not ./trainer_output"),
+    "per_device_train_batch_size": (4, "fits Gemma 3 270M at 2048 tokens on a 24 GB GPU in bf16"),
+    "per_device_eval_batch_size": (4, "as training"),
+    "gradient_accumulation_steps": (8, "an effective batch of 32 sequences per device"),
+    "learning_rate": (2e-5, "full fine-tuning of a pre-trained model, not training from scratch"),
+    "weight_decay": (0.01, "mild regularisation, as most fine-tuning recipes"),
+    "warmup_steps": (500, "clamped to the total steps, with a warning"),
+    "logging_steps": (10, "a loss point every 10 steps, not every 500"),
+    "eval_strategy": ("steps", "evaluate during training; 'no' when there is no validation data"),
+    "eval_steps": (500, "as save_steps"),
+    "save_total_limit": (3, "bounded disk use; the latest complete checkpoint is always kept"),
+    "report_to": ("tensorboard", "events in {output_dir}/runs/"),
+    "prediction_loss_only": (True, "evaluation needs only the loss: never gather (tokens x vocab) logits"),
+    "ddp_timeout": (7200, "first-time tokenization of a large corpus can outlast transformers' 1800 s"),
+    "use_cpu": (not torch.cuda.is_available(), "no CUDA: processes join with gloo on the CPU"),
+    "include_num_input_tokens_seen": (True, "tokens seen go into the logs and the run summary"),
+    "ddp_find_unused_parameters": (False, "every parameter gets a gradient; the search costs a pass"),
+}
+# Defaults that follow the machine; run_config.yaml leaves them out so it carries over to another.
+MACHINE_DEPENDENT = ("use_cpu", "dataloader_pin_memory")
+SECRET_FIELDS = ("hub_token",)
+
+
+def _with_our_defaults(base: type) -> type:
+    """`base` with OUR_DEFAULTS as field defaults; transformers' help text, types and choices kept."""
+    hints = typing.get_type_hints(base)
+    fields = []
+    for name, (default, why) in OUR_DEFAULTS.items():
+        original = base.__dataclass_fields__[name]
+        help_text = f"{original.metadata.get('help', '').rstrip()} [tuner: {why}]"
+        fields.append((name, hints[name], field(default=default, metadata={**original.metadata, "help": help_text})))
+    cls = dataclasses.make_dataclass("TrainerOptions", fields, bases=(base,))
+    cls.__module__ = __name__  # pickled with training_args.bin: must be importable by name
+    cls._argument_group_name = f"TrainingArguments (transformers; tuner's defaults where marked [tuner: ...])"
+    return cls
+
+
+TrainerOptions = _with_our_defaults(TrainingArguments)
+OPTION_GROUPS = (ModelOptions, DataOptions, RunOptions, TrainerOptions)
+
+
+@dataclass
+class Config(TrainerOptions, RunOptions, DataOptions, ModelOptions):
+    """Our options and every TrainingArguments field, in one object the Trainer takes as `args`."""
 
 
 _HINTS = typing.get_type_hints(Config)
+OURS = {f.name for group in (ModelOptions, DataOptions, RunOptions) for f in dataclasses.fields(group)}
+FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.init}
 
 
-def field_type(name: str) -> Any:
-    """The field's type without its Optional: `int | None` -> int."""
-    hint = _HINTS[name]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+class Parser(HfArgumentParser):
+    def error(self, message: str):
+        # argparse would print the whole usage first: hundreds of lines, one per TrainingArguments field.
+        raise UsageError(f"{message}. Fix the value; `python main.py --help` lists every option.")
+
+
+def build_parser() -> HfArgumentParser:
+    parser = Parser(
+        OPTION_GROUPS, prog="main.py", description="Fine-tune a small causal language model (Gemma 3 270M by default).",
+        allow_abbrev=False,
+    )  # fmt: skip
+    if "gradient_checkpointing" not in FIELDS:  # a transformers release that dropped the old name
+        parser.add_argument("--gradient_checkpointing", dest="activation_checkpointing", nargs="?", const=True,
+                            type=parse_bool, help="Alias of --activation_checkpointing.")  # fmt: skip
+    return parser
 
 
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
+    if text in ("1", "true", "yes", "on", "y", "t"):
         return True
-    if text in ("0", "false", "no", "off"):
+    if text in ("0", "false", "no", "off", "n", "f"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-def _convert(name: str, value: Any) -> Any:
-    """Coerce a YAML value to the field's type (PyYAML reads 5e-5 as a string, for one)."""
-    kind = field_type(name)
-    if value is None:
-        return None
-    if kind is bool:
-        return parse_bool(value)
-    if typing.get_origin(kind) is list:
-        return [str(v) for v in (value if isinstance(value, list) else [value])]
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind is int and isinstance(value, bool):
-        raise ValueError(f"expected a whole number, got {value!r}")
-    return kind(value)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="main.py",
-        description="Fine-tune a small causal language model (Gemma 3 270M by default).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
-    )
-    for name, f in FIELDS.items():
-        kind = field_type(name)
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "dest": name}
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        if kind is bool:
-            kwargs.update(nargs="?", const=True, type=parse_bool, metavar="BOOL")
-        elif typing.get_origin(kind) is list:
-            kwargs.update(nargs=f.metadata.get("nargs", "*"), type=str)
-        else:
-            kwargs["type"] = kind
-        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        parser.add_argument(f"--{name}", default=default, **kwargs)
-    return parser
-
-
 def closest_flag(name: str) -> str | None:
-    match = difflib.get_close_matches(name, list(FIELDS), n=1, cutoff=0.5)
+    match = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), list(FIELDS), n=1, cutoff=0.5)
     return match[0] if match else None
 
 
-def load_yaml(path: str) -> dict[str, Any]:
+def _unknown(name: str, where: str) -> str:
+    near = closest_flag(name)
+    hint = f" Did you mean '{near}'?" if near else " See `python main.py --help` for the valid names."
+    return f"{where}: unknown {'key' if where.startswith('--config') else 'flag'} '{name}'.{hint}"
+
+
+def _check_yaml_value(parser: HfArgumentParser, key: str, value: Any) -> Any:
+    """The YAML value converted as argparse converts the command line's; ValueError if it would refuse it.
+
+    PyYAML reads 5e-5 as a string and `on` as a bool, so strings go through the option's type.
+    """
+    action = parser._option_string_actions[f"--{key}"]  # argparse keeps no public index of options
+    if value is None or isinstance(value, (dict, bool)):
+        return value
+    if isinstance(value, list):
+        if action.nargs not in ("+", "*") and key != "report_to":  # a list is report_to's own form
+            raise ValueError("a single value, not a list")
+        return [_convert(action, key, v) for v in value]
+    return _convert(action, key, value)
+
+
+def _convert(action: argparse.Action, key: str, value: Any) -> Any:
+    text = str(value)
+    if action.choices is not None and text not in [str(c) for c in action.choices]:
+        raise ValueError(f"expected one of {', '.join(map(str, action.choices))}")
+    if str in typing.get_args(_HINTS[key]):
+        return text  # e.g. include_num_input_tokens_seen: true/false on the command line, or "all"
+    if action.type is None:
+        return value
+    try:
+        return action.type(text)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        expected = "true or false" if action.type.__name__ == "string_to_bool" else f"of type {action.type.__name__}"
+        raise ValueError(f"expected a value {expected}") from None
+
+
+def load_yaml(path: str, parser: HfArgumentParser) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
-        raise UsageError([f"--config {path}: no such file. Give the path of a YAML file, e.g. configs/quickstart-cpu.yaml."])
+        raise UsageError(f"--config {path}: no such file. Give the path of a YAML file, e.g. configs/quickstart-cpu.yaml.")
     try:
         data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise UsageError([f"--config {path}: not valid YAML ({exc}). Fix the file's syntax."]) from None
+        raise UsageError(f"--config {path}: not valid YAML ({exc}). Fix the file's syntax.") from None
     if not isinstance(data, dict):
-        raise UsageError([f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}."])
+        raise UsageError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}.")
     problems, values = [], {}
     for key, value in data.items():
         if key not in FIELDS or key == "config":
-            near = closest_flag(str(key))
-            hint = f" Did you mean '{near}'?" if near else " See `python main.py --help` for the valid names."
-            problems.append(f"--config {path}: unknown key '{key}'.{hint}")
+            problems.append(_unknown(str(key), f"--config {path}"))
             continue
         try:
-            values[key] = _convert(key, value)
-        except (TypeError, ValueError):
-            problems.append(
-                f"--config {path}: key '{key}' has value {value!r}, which is not of type {field_type(key).__name__}. "
-                "Fix the value in the file."
-            )
+            values[key] = _check_yaml_value(parser, key, value)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            problems.append(f"--config {path}: key '{key}' has value {value!r}, which is not valid: {exc}. Fix the value in the file.")
     if problems:
         raise UsageError(problems)
     return values
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 def _attach_negative_numbers(argv: list[str]) -> list[str]:
@@ -203,33 +252,115 @@ def _attach_negative_numbers(argv: list[str]) -> list[str]:
     return out
 
 
-_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """Defaults < --config YAML < command line. argparse itself exits 2 on an unknown flag."""
+def parse_namespace(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed options, not yet checked: defaults < --config YAML < command line."""
     argv = _attach_negative_numbers(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser()
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
+    namespace, rest = parser.parse_known_args(argv)
+    unknown = [token.split("=")[0] for token in rest if token.startswith("-")]
+    if rest:
+        raise UsageError([_unknown(t, "command line") for t in unknown] or [f"unexpected value(s) {' '.join(rest)}."])
     if known.config:
-        parser.set_defaults(**load_yaml(known.config))
-    namespace = parser.parse_args(argv)
-    return with_default_dataset(Config(**vars(namespace)))
+        from_command_line = given_on_command_line(argv)
+        for key, value in load_yaml(known.config, parser).items():
+            if key not in from_command_line:
+                setattr(namespace, key, value)
+    return with_default_dataset(_old_checkpointing_name(namespace))
+
+
+def given_on_command_line(argv: list[str]) -> set[str]:
+    """The options the command line sets (which YAML must not override)."""
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(quiet.parse_known_args(argv)[0]))
+
+
+def _old_checkpointing_name(ns: argparse.Namespace) -> argparse.Namespace:
+    """`--gradient_checkpointing` sets the new name itself, so transformers does not warn about the old one."""
+    if getattr(ns, "activation_checkpointing", None) is None and getattr(ns, "gradient_checkpointing", None) is not None:
+        ns.activation_checkpointing, ns.gradient_checkpointing = ns.gradient_checkpointing, None
+    return ns
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Parsed, unchecked options as a Config (main.py runs validate.validate in between)."""
+    return build_config(parse_namespace(argv))
+
+
+def build_config(namespace: argparse.Namespace) -> Config:
+    """Config from parsed options; TrainingArguments' own checks become user errors."""
+    values = vars(namespace)
+    if values.get("hub_token"):
+        # Kept out of the Config: Trainer pickles its args into every checkpoint (training_args.bin).
+        os.environ["HF_TOKEN"] = values["hub_token"]
+        values = {**values, "hub_token": None}
+        logger.info("--hub_token moved to the HF_TOKEN environment variable of this process")
+    try:
+        return Config(**values)
+    except (ValueError, NotImplementedError) as exc:
+        raise UsageError(f"TrainingArguments refused the options: {exc} Change the flags it names.") from None
 
 
 DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1")
 
 
-def with_default_dataset(cfg: Config) -> Config:
+def with_default_dataset(cfg):
     """`python main.py --bf16` fine-tunes on wikitext-2: the hub dataset used when no data is named."""
     if not cfg.train_file and not cfg.dataset_name and not cfg.validation_file:
         cfg.dataset_name, cfg.dataset_config_name = DEFAULT_DATASET
     return cfg
 
 
+def plain(value: Any) -> Any:
+    """A value as YAML (and the command line) spell it: enums by value, nested objects as dicts."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(value):
+        return plain(dataclasses.asdict(value))
+    return value
+
+
+def transformers_defaults() -> dict[str, Any]:
+    """TrainingArguments' defaults as its __post_init__ leaves them (e.g. report_to 'none' -> [])."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        reference = TrainingArguments(output_dir="trainer_output", use_cpu=OUR_DEFAULTS["use_cpu"][0])
+        _REFERENCE = {f.name: plain(getattr(reference, f.name)) for f in dataclasses.fields(TrainingArguments) if f.init}
+    return _REFERENCE
+
+
+_REFERENCE: dict[str, Any] | None = None
+
+
+def resolved_options(cfg: Config) -> dict[str, Any]:
+    """Our options, the TrainingArguments fields whose default we change, and those that differ from
+    transformers' defaults."""
+    reference = transformers_defaults()
+    values = {}
+    for name in FIELDS:
+        value = plain(getattr(cfg, name))
+        if name in ("config", "dry_run") or name in SECRET_FIELDS:
+            continue
+        if name in MACHINE_DEPENDENT:
+            continue
+        if name in OURS or name in OUR_DEFAULTS or value != reference.get(name):
+            values[name] = value
+    return values
+
+
 def to_yaml(cfg: Config) -> str:
     """The resolved config as a file that `--config` accepts and that reproduces the run."""
-    values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("config", "dry_run")}
-    return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(resolved_options(cfg), sort_keys=False, allow_unicode=True)
+
+
+def checkpointing(cfg) -> bool:
+    """--gradient_checkpointing, under either of its transformers names."""
+    return bool(getattr(cfg, "activation_checkpointing", None) or getattr(cfg, "gradient_checkpointing", None))

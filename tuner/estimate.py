@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from .config import checkpointing
+
 GiB = 2**30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size and dtype of the parameter
 LOGIT_BUFFERS = 3  # logits, their fp32 log-softmax, their gradient: (tokens x vocab) each
@@ -54,15 +56,19 @@ def loss_chunk_tokens(vocab_size: int) -> int:
 
 
 def step_counts(cfg, train_chunks: int | None, world_size: int) -> dict:
-    """Batch and step arithmetic; the same formula as main.total_steps and the Trainer."""
+    """Batch and step arithmetic, as the installed Trainer does it (Trainer.set_initial_training_values):
+    each process's dataloader has ceil(chunks / (batch x processes)) batches (floor with
+    --dataloader_drop_last), and a partial accumulation window at the end of an epoch is a step."""
     sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
     counts = {"effective_batch_sequences": sequences, "effective_batch_tokens": sequences * cfg.max_seq_length}
+    max_steps = cfg.max_steps if cfg.max_steps > 0 else None
     if train_chunks is None:  # a stream has no length; validation requires --max_steps then
-        counts.update(steps_per_epoch=None, total_steps=cfg.max_steps, epochs=None)
+        counts.update(steps_per_epoch=None, total_steps=max_steps, epochs=None)
         return counts
-    batches = math.ceil(train_chunks / (cfg.per_device_train_batch_size * world_size))
-    per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
-    total = cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.num_train_epochs * per_epoch)
+    rounding = math.floor if cfg.dataloader_drop_last else math.ceil
+    batches = rounding(train_chunks / (cfg.per_device_train_batch_size * world_size))
+    per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+    total = max_steps if max_steps is not None else math.ceil(cfg.num_train_epochs * per_epoch)
     counts.update(steps_per_epoch=per_epoch, total_steps=total, epochs=total / per_epoch)
     return counts
 
@@ -110,7 +116,7 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
     tokens = cfg.per_device_train_batch_size * cfg.max_seq_length  # one micro-batch
     per_token = activation_bytes_per_token(model_config, compute_bytes, autocast, attention, cfg.max_seq_length)
     layers = text.num_hidden_layers
-    if cfg.gradient_checkpointing:
+    if checkpointing(cfg):
         # Each layer's input is kept (the residual stream); one layer at a time is recomputed.
         kept = layers * text.hidden_size * weight_bytes + per_token["layer"]
     else:
@@ -171,8 +177,8 @@ def count(value: int | None) -> str:
 def format_report(cfg, numbers: dict) -> str:
     """The derived numbers as an aligned block, nanoGPT style."""
     n, m = numbers, numbers["memory"]
-    epochs = f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps is None else "--max_steps"
-    if cfg.max_steps is not None and n["epochs"] is not None:
+    epochs = f"{cfg.num_train_epochs:g} epochs" if cfg.max_steps <= 0 else "--max_steps"
+    if cfg.max_steps > 0 and n["epochs"] is not None:
         epochs += f"; {n['epochs']:.2f} epochs"
     facts = [
         ("world size", f"{n['world_size']} process(es)"),
@@ -187,13 +193,13 @@ def format_report(cfg, numbers: dict) -> str:
          f"{', tied with lm_head: counted once' if n['tied_embeddings'] else ''})"),
     ]  # fmt: skip
     copies = f" + {n['compute_dtype']} autocast copies" if n["autocast"] else ""
-    checkpointing = ", gradient checkpointing" if cfg.gradient_checkpointing else ""
+    recompute = ", gradient checkpointing" if checkpointing(cfg) else ""
     memory = [
         ("weights", m["weights"], n["weight_dtype"] + copies),
         ("gradients", m["gradients"], n["weight_dtype"]),
         ("optimizer state", m["optimizer"], f"AdamW: {ADAMW_STATES} states, {n['weight_dtype']}"),
         ("activations", m["activations"], f"{n['micro_batch_tokens']:,} tokens per micro-batch, {n['compute_dtype']}, "
-         f"{n['attention']}{checkpointing}"),
+         f"{n['attention']}{recompute}"),
         ("logits (chunked loss)", m["logits"], f"{n['loss_chunk_tokens']:,}-token chunks x {n['vocab_size']:,} vocab, "
          "fp32 x 3, + lm_head's fp32 gradient"),
     ]  # fmt: skip

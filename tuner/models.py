@@ -8,6 +8,7 @@ import logging
 import os
 
 from . import offline
+from .config import checkpointing
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,6 @@ def load_model(cfg, path: str, tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if cfg.gradient_checkpointing:
+    if checkpointing(cfg):
         model.config.use_cache = False  # the cache is useless in training and conflicts with recomputation
     return model

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
-import torch
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import Trainer, default_data_collator
 
+from .errors import UsageError
 from .preemption import SaveOnSignal
 from .streaming import StreamPosition
 
@@ -19,61 +20,32 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
 
-def build_training_args(cfg, has_eval: bool, total_steps: int | None = None) -> TrainingArguments:
-    warmup = cfg.warmup_steps
-    if total_steps is not None and warmup > total_steps:
-        logger.warning("--warmup_steps %d exceeds the %d training steps; clamped to %d", warmup, total_steps, total_steps)
-        warmup = total_steps
-    return TrainingArguments(
-        output_dir=cfg.output_dir,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_steps=warmup,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
-        **_checkpointing_kwarg(cfg.gradient_checkpointing),
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=cfg.eval_steps if has_eval else None,
-        # Only the loss is needed in evaluation: never gather (tokens x vocab) logits across batches.
-        prediction_loss_only=True,
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        seed=cfg.seed,
-        ddp_timeout=cfg.ddp_timeout,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        # Without a GPU, processes must join with gloo on the CPU even when launched with --multi_gpu
-        # (otherwise accelerate starts N unconnected copies that each train on all the data).
-        use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,  # every parameter gets a gradient; the search costs a pass
-        include_num_input_tokens_seen=True,
-        # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
-        # instead of Trainer re-reading and discarding every batch before it.
-        ignore_data_skip=cfg.streaming,
-        use_liger_kernel=False,  # Liger is applied by our loss, not by patching the model
-    )
+def finalize(cfg, has_eval: bool, total_steps: int | None) -> None:
+    """The choices that need the data: no evaluation without validation data, warm-up no longer
+    than the run, and the stream's own resume position. Changes `cfg` in place."""
+    from transformers.trainer_utils import IntervalStrategy
 
-
-def _checkpointing_kwarg(enabled: bool) -> dict:
-    # transformers 5.x renamed gradient_checkpointing to activation_checkpointing; keep our flag name.
-    fields = TrainingArguments.__dataclass_fields__
-    return {"activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing": enabled}
+    if not has_eval and cfg.eval_strategy != IntervalStrategy.NO:
+        if cfg.load_best_model_at_end:
+            raise UsageError(
+                "--load_best_model_at_end: there is no validation data to pick the best checkpoint by. "
+                "Pass --validation_file or --validation_split_percentage above 0, or drop the flag."
+            )
+        logger.info("No validation data: evaluation is off (--eval_strategy no)")
+        cfg.eval_strategy, cfg.do_eval = IntervalStrategy.NO, False
+    if total_steps is not None and cfg.warmup_steps >= 1 and cfg.warmup_steps > total_steps:
+        logger.warning("--warmup_steps %g exceeds the %d training steps; clamped to %d", cfg.warmup_steps, total_steps, total_steps)
+        cfg.warmup_steps = total_steps
+    # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
+    # instead of Trainer re-reading and discarding every batch before it.
+    cfg.ignore_data_skip = cfg.ignore_data_skip or cfg.streaming
 
 
 class LeanLossTrainer(Trainer):
     """Trainer whose loss never holds the full (tokens x vocab) logits; see loss.py."""
 
-    def __init__(self, *args, use_liger: bool = False, **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.use_liger = use_liger
         # FSDP and ZeRO-3 keep lm_head sharded outside its own forward, where the chunked loss needs it whole.
         self.lean_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         if not self.lean_loss:
@@ -84,7 +56,7 @@ class LeanLossTrainer(Trainer):
 
         if not self.lean_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = compute_causal_lm_loss(model, inputs, num_items_in_batch, use_liger=self.use_liger)
+        loss, outputs = compute_causal_lm_loss(model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
         return (loss, outputs) if return_outputs else loss
@@ -122,14 +94,33 @@ def resume_point(cfg) -> str | None:
     return found
 
 
-def build_trainer(cfg, model, tokenizer, datasets, args: TrainingArguments) -> Trainer:
-    return LeanLossTrainer(
+def build_trainer(cfg, model, tokenizer, datasets) -> Trainer:
+    trainer = LeanLossTrainer(
         model=model,
-        args=args,
+        args=cfg,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval,
         processing_class=tokenizer,
         data_collator=default_data_collator,
-        use_liger=cfg.use_liger_kernel,
         callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
     )
+    keep_logs_in_output_dir(trainer)
+    return trainer
+
+
+def keep_logs_in_output_dir(trainer) -> None:
+    """TensorBoard and W&B files under {output_dir}/runs/, whatever the working directory.
+
+    TensorBoard's callback chooses its directory in on_train_begin; an evaluation before training
+    logs first, and the callback then writes to ./runs of the working directory. wandb writes to
+    ./wandb unless WANDB_DIR says otherwise.
+    """
+    from transformers.integrations.integration_utils import TensorBoardCallback, default_logdir
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = str(Path(trainer.args.output_dir) / default_logdir())
+    if "wandb" in trainer.args.report_to and "WANDB_DIR" not in os.environ:
+        runs = Path(trainer.args.output_dir) / "runs"
+        runs.mkdir(parents=True, exist_ok=True)
+        os.environ["WANDB_DIR"] = str(runs)

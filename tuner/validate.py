@@ -14,7 +14,7 @@ from .errors import UsageError
 
 POSITIVE = (
     "max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-    "learning_rate", "num_train_epochs", "logging_steps", "save_steps", "eval_steps",
+    "learning_rate", "num_train_epochs", "logging_steps", "save_steps",
 )  # fmt: skip
 NON_NEGATIVE = ("weight_decay", "warmup_steps", "max_new_tokens", "ddp_timeout")
 
@@ -32,10 +32,15 @@ def number_problems(cfg) -> list[str]:
     problems += [
         f"--{name} {getattr(cfg, name)}: must not be negative. Pass 0 or more." for name in NON_NEGATIVE if getattr(cfg, name) < 0
     ]
-    for name in ("max_steps", "max_train_samples", "max_eval_samples", "save_total_limit", "preprocessing_num_workers"):
+    for name in ("eval_steps", "max_train_samples", "max_eval_samples", "save_total_limit", "preprocessing_num_workers"):
         value = getattr(cfg, name)
         if value is not None and value <= 0:
             problems.append(f"--{name} {value}: must be greater than 0. Pass a positive value, or leave it out.")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:  # -1 is TrainingArguments' "not set"
+        problems.append(
+            f"--max_steps {cfg.max_steps}: must be greater than 0. Pass a positive value, or leave it out to train "
+            "for --num_train_epochs."
+        )
     if not 0 <= cfg.validation_split_percentage < 100:
         problems.append(
             f"--validation_split_percentage {cfg.validation_split_percentage}: must be from 0 to 99. "
@@ -95,13 +100,20 @@ def feature_problems(cfg) -> list[str]:
         problem = liger_problem(torch.cuda.is_available(), _installed("liger_kernel"))
         if problem:
             problems.append(f"--use_liger_kernel: {problem}")
-    if cfg.report_to == "wandb" and not _installed("wandb"):
-        problems.append("--report_to wandb: the wandb package is not installed. pip install wandb, or --report_to tensorboard.")
-    if cfg.report_to == "tensorboard" and not _installed("tensorboard"):
-        problems.append("--report_to tensorboard: the tensorboard package is not installed. pip install tensorboard, or --report_to none.")
-    if cfg.streaming and cfg.max_steps is None:
+    for name, package in (("wandb", "wandb"), ("tensorboard", "tensorboard"), ("trackio", "trackio")):
+        if name in reporters(cfg) and not _installed(package):
+            problems.append(f"--report_to {name}: the {package} package is not installed. pip install {package}, or --report_to none.")
+    if cfg.streaming and cfg.max_steps <= 0:
         problems.append("--streaming: a stream has no known length, so --max_steps is required. Pass e.g. --max_steps 1000.")
     return problems
+
+
+def reporters(cfg) -> list[str]:
+    """--report_to as a list, whether parsed (a string) or resolved by TrainingArguments (a list)."""
+    value = cfg.report_to
+    if value is None or value == "none":
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def path_problems(cfg) -> list[str]:
@@ -124,8 +136,52 @@ def path_problems(cfg) -> list[str]:
     return problems
 
 
+def _value(option) -> str:
+    return str(getattr(option, "value", option))  # an enum once TrainingArguments has converted it
+
+
+def trainer_problems(cfg) -> list[str]:
+    """TrainingArguments options that conflict with each other or with this machine. Choice names
+    (--optim, --lr_scheduler_type, ...) are checked by the parser itself."""
+    import torch
+
+    problems = []
+    evaluation, saving = _value(cfg.eval_strategy), _value(cfg.save_strategy)
+    if cfg.load_best_model_at_end:
+        if evaluation == "no":
+            problems.append("--load_best_model_at_end: needs evaluation, but --eval_strategy is no. "
+                            "Pass --eval_strategy steps (the default) with validation data.")  # fmt: skip
+        elif saving not in (evaluation, "best"):
+            problems.append(f"--load_best_model_at_end: --save_strategy {saving} and --eval_strategy {evaluation} "
+                            "must match (or --save_strategy best). Pass the same strategy to both.")  # fmt: skip
+        elif evaluation == "steps" and cfg.eval_steps and cfg.save_steps % cfg.eval_steps:
+            problems.append(f"--load_best_model_at_end: --save_steps {cfg.save_steps:g} is not a multiple of --eval_steps "
+                            f"{cfg.eval_steps:g}, so the best evaluation may have no checkpoint. Make it a multiple.")  # fmt: skip
+    for name in ("reduce_lr_on_plateau", "greedy"):
+        if _value(cfg.lr_scheduler_type) == name and evaluation == "no":
+            problems.append(f"--lr_scheduler_type {name}: steps on the evaluation loss, but --eval_strategy is no. "
+                            "Pass --eval_strategy steps with validation data, or another scheduler.")  # fmt: skip
+    if cfg.deepspeed and not torch.cuda.is_available():
+        problems.append(f"--deepspeed {cfg.deepspeed}: DeepSpeed needs CUDA GPUs, and there are none. Drop the flag.")
+    elif isinstance(cfg.deepspeed, str) and not cfg.deepspeed.lstrip().startswith("{") and not Path(cfg.deepspeed).is_file():
+        problems.append(f"--deepspeed {cfg.deepspeed}: no such file. Give the path of a DeepSpeed JSON config.")
+    if cfg.fsdp and not torch.cuda.is_available():
+        problems.append(f"--fsdp {cfg.fsdp}: FSDP needs CUDA GPUs here (on CPU, accelerate runs DDP). Drop the flag.")
+    if cfg.torch_compile and cfg.use_liger_kernel:
+        problems.append("--torch_compile with --use_liger_kernel: Liger's Triton kernels are not traced by "
+                        "torch.compile. Pass only one of them.")  # fmt: skip
+    if cfg.streaming and cfg.dataloader_num_workers:
+        problems.append(f"--dataloader_num_workers {cfg.dataloader_num_workers} with --streaming: the stream position is "
+                        "tracked in the main process. Pass --dataloader_num_workers 0.")  # fmt: skip
+    if cfg.label_smoothing_factor and not 0 <= cfg.label_smoothing_factor < 1:
+        problems.append(f"--label_smoothing_factor {cfg.label_smoothing_factor}: must be from 0 to below 1, e.g. 0.1.")
+    return problems
+
+
 def validate(cfg) -> None:
-    problems = number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + path_problems(cfg)
+    problems = (
+        number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + trainer_problems(cfg) + path_problems(cfg)
+    )
     if problems:
         raise UsageError(problems)
 
