@@ -50,6 +50,11 @@ def test_auto_detection(columns, expected, resolved_messages):
     assert choice.reason.startswith("auto: the data has")
 
 
+def test_sharegpt_reason():
+    reason = formats.detect_format(["conversations"]).reason
+    assert reason == "auto: the data has 'conversations' (a list of {role, content} messages, ShareGPT {from, value} converted)"
+
+
 def test_detection_with_custom_column_names():
     choice = formats.detect_format(["q", "a"], columns=Columns(prompt="q", completion="a"))
     assert choice.format == "prompt_completion"

@@ -37,6 +37,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import NoReturn
 
 import numpy as np
 
@@ -106,7 +107,8 @@ def detect_format(column_names: Iterable[str], requested: str = "auto", columns:
     if requested == "auto":
         for fmt in ("messages", "prompt_completion", "alpaca", "text"):
             if all(c in present for c in needs[fmt]):
-                return FormatChoice(fmt, f"auto: the data has {' and '.join(map(repr, needs[fmt]))} ({_WHAT[fmt]})", columns)
+                what = _WHAT[fmt] + (", ShareGPT {from, value} converted" if columns.messages == SHAREGPT_COLUMN else "")
+                return FormatChoice(fmt, f"auto: the data has {' and '.join(map(repr, needs[fmt]))} ({what})", columns)
         raise UsageError(
             f"--data_format auto: no known format in the columns {names}. Name the columns: --messages_column, "
             "--prompt_column/--completion_column, --instruction_column/--output_column or --text_column, "
@@ -169,13 +171,15 @@ def _prompt_completion(prompt, completion, where: str, cols: Columns) -> Example
     prompt, completion = _maybe_json(prompt), _maybe_json(completion)
     if isinstance(prompt, str) and isinstance(completion, str):
         if not completion.strip():
-            raise UsageError(f"{where}: empty answer (column '{cols.completion}'). Give a non-empty completion or drop the row.")
+            _bad(where, f"empty answer (column '{cols.completion}')", "Give a non-empty completion or drop the row.")
         return PromptCompletion(prompt, completion)
     head = [_msg("user", prompt)] if isinstance(prompt, str) else _raw_messages(prompt, where, cols.prompt)
-    tail = [_msg("assistant", completion)] if isinstance(completion, str) else _raw_messages(completion, where, cols.completion)
+    tail = (
+        [_msg("assistant", completion)] if isinstance(completion, str) else _raw_messages(completion, where, cols.completion)
+    )
     messages = _validated(head + tail, where, f"{cols.prompt}+{cols.completion}")
     if not any(m["role"] == "assistant" for m in messages[len(head) :]):
-        raise UsageError(f"{where}: the completion has no assistant message. Put the answer in '{cols.completion}'.")
+        _bad(where, "the completion has no assistant message", f"Put the answer in '{cols.completion}'.")
     return Conversation(messages, context_turns=len(head))
 
 
@@ -187,15 +191,16 @@ def _raw_messages(value, where: str, column: str) -> list[dict]:
     """A list of {role, content} (ShareGPT {from, value} converted); content checked to be text."""
     value = _maybe_json(value)
     if not isinstance(value, (list, tuple)):
-        raise UsageError(f"{where}: column '{column}' holds {type(value).__name__}, not a list of messages. Give a list of {{role, content}}.")
+        _bad(where, f"column '{column}' holds {type(value).__name__}, not a list of messages", "Give a list of {role, content}.")
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise UsageError(f"{where}: message {i} of '{column}' is {type(message).__name__}, not {{role, content}}.")
+            _bad(where, f"message {i} of '{column}' is {type(message).__name__}", "Give {role, content} or drop the row.")
         if "from" in message and "role" not in message:  # ShareGPT
             sharegpt = message.get("from")
             if sharegpt not in SHAREGPT_ROLES:
-                raise UsageError(f"{where}: message {i} has 'from': {sharegpt!r}; ShareGPT roles are human, gpt, system. Rename it or drop the row.")
+                known = "ShareGPT roles are human, gpt, system"
+                _bad(where, f"message {i} has 'from': {sharegpt!r}; {known}", "Rename it or drop the row.")
             out.append(_msg(SHAREGPT_ROLES[sharegpt], _text(message.get("value"), where, f"{column}[{i}].value")))
         else:
             out.append(_msg(message.get("role"), _text(message.get("content"), where, f"{column}[{i}].content")))
@@ -205,23 +210,27 @@ def _raw_messages(value, where: str, column: str) -> list[dict]:
 def _validated(messages: list[dict], where: str, column: str) -> tuple[dict, ...]:
     """Roles known; system only first; then user/assistant alternating from user; an answer, none empty."""
     if not messages:
-        raise UsageError(f"{where}: empty conversation in '{column}'. Give at least a user and an assistant message, or drop the row.")
+        _bad(where, f"empty conversation in '{column}'", "Give at least a user and an assistant message, or drop the row.")
     for i, m in enumerate(messages):
         if m["role"] not in ROLES:
-            raise UsageError(f"{where}: message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}. Rename it or drop the row.")
+            _bad(where, f"message {i} has role {m['role']!r}; roles are {', '.join(ROLES)}", "Rename it or drop the row.")
     offset = 1 if messages[0]["role"] == "system" else 0
     for i, m in enumerate(messages[offset:], start=offset):
         expected = "user" if (i - offset) % 2 == 0 else "assistant"
         if m["role"] != expected:
-            order = "an optional system message, then user, assistant, user, ..."
-            raise UsageError(f"{where}: message {i} is {m['role']!r} where {expected!r} was due; roles must go {order}. Fix the order or drop the row.")
+            order = "roles must go: an optional system message, then user, assistant, user, ..."
+            _bad(where, f"message {i} is {m['role']!r} where {expected!r} was due; {order}", "Fix the order or drop the row.")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if not answers:
-        raise UsageError(f"{where}: no assistant message, nothing to learn. Add the answer or drop the row.")
+        _bad(where, "no assistant message, nothing to learn", "Add the answer or drop the row.")
     for i in answers:
         if not messages[i]["content"].strip():
-            raise UsageError(f"{where}: message {i} of '{column}' is an empty answer. Give the assistant text or drop the row.")
+            _bad(where, f"message {i} of '{column}' is an empty answer", "Give the assistant text or drop the row.")
     return tuple(messages)
+
+
+def _bad(where: str, problem: str, fix: str) -> NoReturn:
+    raise UsageError(f"{where}: {problem}. {fix}")
 
 
 def _msg(role, content: str) -> dict:
@@ -232,7 +241,7 @@ def _text(value, where: str, column: str) -> str:
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise UsageError(f"{where}: '{column}' is {type(value).__name__}, not text. Give a string.")
+        _bad(where, f"'{column}' is {type(value).__name__}, not text", "Give a string.")
     return value
 
 
@@ -327,7 +336,8 @@ def encode_with_offsets(tokenizer, texts: list[str]) -> list[tuple[list[int], np
         return [(e.ids, np.array(e.offsets, dtype=np.int64).reshape(-1, 2)) for e in encodings]
     # A tokenizer without a Rust backend gives offsets only if it is fast; otherwise this raises, by design.
     batch = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [(ids, np.array(o, dtype=np.int64).reshape(-1, 2)) for ids, o in zip(batch["input_ids"], batch["offset_mapping"])]
+    pairs = zip(batch["input_ids"], batch["offset_mapping"])
+    return [(ids, np.array(offsets, dtype=np.int64).reshape(-1, 2)) for ids, offsets in pairs]
 
 
 def _trained_tokens(tokenizer, ids, offsets: np.ndarray, spans, plain: bool, train_on_prompt: bool):
@@ -339,12 +349,16 @@ def _trained_tokens(tokenizer, ids, offsets: np.ndarray, spans, plain: bool, tra
     ids = np.asarray(ids, dtype=TOKEN_DTYPE)
     if plain:
         if tokenizer.eos_token_id is None:
-            raise UsageError("Plain prompt/completion data needs an EOS token to learn to stop; this tokenizer has none. Use message lists with a chat template.")
+            raise UsageError(
+                "Plain prompt/completion data needs an EOS token to learn to stop, and this tokenizer has none. "
+                "Give prompt and completion as message lists, rendered through a chat template."
+            )
         ids, trained = np.append(ids, tokenizer.eos_token_id), np.append(trained, True)
     bos = tokenizer.bos_token_id
     if bos is not None:
-        lead = int(np.argmax(ids != bos)) if (ids != bos).any() else len(ids)
-        ids, trained = np.concatenate([[bos], ids[lead:]]).astype(TOKEN_DTYPE), np.concatenate([[False], trained[lead:]])
+        lead = int(np.argmax(ids != bos)) if (ids != bos).any() else len(ids)  # leading BOS tokens, 0 or more
+        ids = np.concatenate([[bos], ids[lead:]]).astype(TOKEN_DTYPE)
+        trained = np.concatenate([[False], trained[lead:]])
     if train_on_prompt:
         trained[:] = True
     if len(ids):
