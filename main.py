@@ -40,8 +40,9 @@ def configure(argv: list[str] | None) -> Config:
 def prepare(cfg: Config):
     """Every check and every cheap load, before model weights load:
     (model path, model config, tokenizer, datasets)."""
-    from tuner import data, estimate, models, streaming, training, validate
+    from tuner import data, estimate, hub, models, streaming, training, validate
 
+    hub.check_access(cfg)  # no network: cache only, and a fast answer instead of 25 s of retries
     model_path = models.resolve(cfg.model_name_or_path)
     model_config = models.load_config(cfg, model_path)
     validate.check_against_model(cfg, model_config)

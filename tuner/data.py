@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import grouping
+from . import grouping, hub
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -102,9 +102,10 @@ def load_hub(cfg, streaming: bool = False) -> dict:
     try:
         loaded = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
     except Exception as exc:
+        fix = hub.unreachable_note() or "Check the name and config on the hub, your network, or use --train_file."
         raise UsageError(
             f"--dataset_name {cfg.dataset_name} (--dataset_config_name {cfg.dataset_config_name}): could not be loaded "
-            f"({root_cause(exc)}). Check the name and config on the hub, your network, or use --train_file."
+            f"({root_cause(exc)}). {fix}"
         ) from None
     if "train" not in loaded:
         raise UsageError(f"--dataset_name {cfg.dataset_name}: has no 'train' split (it has {', '.join(loaded)}).")

@@ -5,9 +5,8 @@ before anything heavy loads, choose dtype and attention, set the pad token and r
 from __future__ import annotations
 
 import logging
-import os
 
-from . import offline
+from . import hub, offline
 from .config import checkpointing
 from .errors import UsageError
 
@@ -41,11 +40,11 @@ def load_config(cfg, path: str):
         return AutoConfig.from_pretrained(path)
     except Exception as exc:
         hint = _NEAR_MISSES.get(cfg.model_name_or_path)
-        fix = f"The model is called {hint}." if hint else (
+        fix = f"The model is called {hint}." if hint else hub.unreachable_note() or (
             "Check the spelling, that a local directory holds config.json, or for a gated hub model accept its "
             f"licence and set HF_TOKEN. With no hub access use --model_name_or_path {offline.OFFLINE_MODEL}."
         )
-        offline_note = " (hub access is off: HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        offline_note = " (hub access is off: HF_HUB_OFFLINE=1)" if hub.is_offline() and not hub.unreachable_note() else ""
         raise UsageError(
             f"--model_name_or_path {cfg.model_name_or_path}: cannot be loaded{offline_note} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). {fix}"
