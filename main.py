@@ -76,6 +76,8 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
     trainer.save_model(cfg.output_dir)  # model + tokenizer, main process only
     trainer.save_metrics("train", train_metrics)
     trainer.save_state()
+    if cfg.push_to_hub:
+        trainer.push_to_hub()
     results["train"] = train_metrics
     if trainer.eval_dataset is not None:
         results["eval"] = evaluate(trainer, "After training")
