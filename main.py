@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tuner.config import Config, build_config, parse_namespace, to_yaml
 from tuner.errors import UsageError, report_and_exit
+from tuner.guards import NonFiniteTraining
 
 logger = logging.getLogger("tuner")
 
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
     except UsageError as error:  # the few found only once training starts (a checkpoint's contents)
         report_and_exit(error)
+    except NonFiniteTraining as error:
+        report_and_exit(error, code=1)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ class UsageError(Exception):
         super().__init__("\n".join(self.problems))
 
 
-def report_and_exit(error: UsageError) -> None:
-    count = len(error.problems)
+def report_and_exit(error: Exception, code: int = 2) -> None:
+    """One message, no traceback: exit 2 for the user's input, another code for a run that failed."""
+    problems = getattr(error, "problems", [str(error)])
+    count = len(problems)
     header = "error:" if count == 1 else f"{count} problems:"
-    body = "".join(f"\n  - {p}" for p in error.problems) if count > 1 else f" {error.problems[0]}"
+    body = "".join(f"\n  - {p}" for p in problems) if count > 1 else f" {problems[0]}"
     print(f"{header}{body}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)

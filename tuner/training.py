@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import Trainer, default_data_collator
 
 from .errors import UsageError
+from .guards import NonFiniteGuard
 from .preemption import SaveOnSignal
 from .streaming import StreamPosition
 
@@ -46,10 +47,17 @@ class LeanLossTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.guard = NonFiniteGuard()
+        self.add_callback(self.guard)
         # FSDP and ZeRO-3 keep lm_head sharded outside its own forward, where the chunked loss needs it whole.
         self.lean_loss = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         if not self.lean_loss:
             logger.warning("FSDP/DeepSpeed shard lm_head: using the standard loss, which holds the full logits")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.record_loss(loss)
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .loss import compute_causal_lm_loss
