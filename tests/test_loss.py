@@ -166,3 +166,19 @@ def test_a_frozen_head_gets_no_gradient_but_the_rest_is_unchanged(model, batch):
     for name, grad in grads.items():
         assert_close(grad, expected_grads[name], name)
 
+
+
+def test_chunk_hook_sees_every_row_once_with_its_logit_gradient():
+    generator = torch.Generator().manual_seed(2)
+    hidden = torch.randn(7, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    weight = torch.randn(13, 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 13, (7,), generator=generator)
+    seen = []
+    loss = chunked_cross_entropy_sum(hidden, weight, targets, 2.0, chunk_size=3, chunk_hook=lambda *a: seen.append(a))
+    logits = (hidden @ weight.T).detach().requires_grad_(True)
+    reference = torch.nn.functional.cross_entropy(2.0 * torch.tanh(logits / 2.0), targets, reduction="sum")
+    (expected,) = torch.autograd.grad(reference, logits)
+    assert [start for start, _, _ in seen] == [0, 3, 6]
+    torch.testing.assert_close(torch.cat([h for _, h, _ in seen]), hidden.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat([g for _, _, g in seen]), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)

@@ -37,11 +37,16 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
-def compute_causal_lm_loss(model, inputs: dict, num_items_in_batch=None, use_liger: bool = False, chunk_size: int | None = None):
+def compute_causal_lm_loss(
+    model, inputs: dict, num_items_in_batch=None, use_liger: bool = False, chunk_size: int | None = None, head_hook=None
+):
     """Loss of a (possibly DDP/accelerate-wrapped) causal LM; returns (loss, outputs).
 
     The forward goes through `model` itself so wrapper hooks (DDP gradient sync) fire, but asks for
     no logits: `outputs.logits` is empty, (B, 0, V).
+
+    `head_hook` (influence scoring, see influence.py) is told the flat (B*T) positions of the counted
+    tokens, sees each chunk's hidden states and logit gradients, and gets the summed loss tensor.
     """
     head, softcap = _output_head(model)
     labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
@@ -60,9 +65,14 @@ def compute_causal_lm_loss(model, inputs: dict, num_items_in_batch=None, use_lig
     hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, H)
     targets = targets.index_select(0, rows)  # (N,)
     if use_liger:
+        if head_hook is not None:
+            raise ValueError("Liger's fused loss never exposes the logit gradients that head_hook needs")
         loss_sum = _liger_loss_sum(head.weight, hidden, targets, softcap)
     else:
-        loss_sum = chunked_cross_entropy_sum(hidden, head.weight, targets, softcap, chunk_size)
+        chunk_hook = None if head_hook is None else head_hook.bind(rows)
+        loss_sum = chunked_cross_entropy_sum(hidden, head.weight, targets, softcap, chunk_size, chunk_hook)
+        if head_hook is not None:
+            head_hook.watch(loss_sum)
     if num_items_in_batch is None:
         return loss_sum / rows.numel(), outputs  # nan when nothing is counted, as transformers
     if torch.is_tensor(num_items_in_batch):
@@ -85,23 +95,25 @@ def _output_head(model) -> tuple[torch.nn.Linear, float | None]:
     return head, getattr(config, "final_logit_softcapping", None)
 
 
-def chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=None) -> torch.Tensor:
+def chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=None, chunk_hook=None) -> torch.Tensor:
     """Sum over rows of -log softmax(softcap(hidden @ weight.T))[target]; hidden (N, H), weight (V, H).
 
     Differentiable in `hidden` and `weight`; `targets` (N,) must already exclude ignored rows.
+    `chunk_hook(start, h, grad_logits)`, when given, sees every chunk of rows start.. of the gradient
+    pass: h (c, H) and d(sum)/d(logits) (c, V), softcapping included.
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size, chunk_hook)
     return _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need=(False, False))[0]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_size):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, chunk_hook):
         # A frozen head (e.g. LoRA) skips the weight gradient: a third of the matmuls and 640 MiB.
         need = ctx.needs_input_grad[:2]
-        loss_sum, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need)
+        loss_sum, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need, chunk_hook)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.backward_done = False
         return loss_sum
@@ -118,10 +130,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     grad.mul_(grad_loss.to(grad.dtype))
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
-def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bool, bool]):
+def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bool, bool], chunk_hook=None):
     """Loss sum and the gradients asked for by `need`: wrt hidden (N, H), wrt weight (V, H)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -137,6 +149,8 @@ def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bo
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
         if grad_weight is not None:
             grad_weight.addmm_(grad_logits.T, h.to(acc))
+        if chunk_hook is not None and grad_logits is not None:
+            chunk_hook(start, h, grad_logits)
         del grad_logits  # else it lives on beside the next chunk's logits: a second (c, V) buffer
     if grad_weight is not None:
         grad_weight = grad_weight.to(weight.dtype)
