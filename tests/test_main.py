@@ -174,11 +174,21 @@ def test_no_validation_split_skips_evaluation(tiny_model, write_corpus, tmp_path
 
 
 def test_validation_file_is_used(tiny_model, write_corpus, tmp_path, corpus_docs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuner import grouping
+
     out = tmp_path / "out"
     train = write_corpus("jsonl", corpus_docs[:60], name="train")
     val = write_corpus("csv", corpus_docs[60:], name="val")
     metrics = entry.main(tiny_args(tiny_model, train, out, "--validation_file", val, "--max_eval_samples", "3"))
-    assert metrics["eval"]["eval_samples_per_second"] > 0
+    # Independently: the saved model's loss on the first 3 chunks of the validation file's documents.
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    chunks = torch.from_numpy(grouping.tokenize_and_group(tokenizer, corpus_docs[60:], 64)[:3].astype("int64"))
+    with torch.no_grad():
+        expected = model(input_ids=chunks, labels=chunks).loss.item()
+    assert metrics["eval"]["eval_loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_gradient_checkpointing_trains_without_the_kv_cache(tiny_model, write_corpus, tmp_path):
