@@ -78,6 +78,30 @@ class DataOptions:
     preprocessing_num_workers: int | None = _opt(None, "Threads for tokenization. Default: all cores.")
     streaming: bool = _opt(False, "Read the data as a stream, tokenizing and chunking on the fly (needs --max_steps).")
     cache_dir: str | None = _opt(None, "Where tokenized data is cached. Default: ~/.cache/tuner/tokens.")
+    # --- supervised fine-tuning on chat and instruction data ---
+    data_format: str = _opt(
+        "auto", "text (running text, chunked), messages (chat; ShareGPT converted), prompt_completion, alpaca; "
+        "auto picks from the columns and logs why.",
+        choices=["auto", "text", "messages", "prompt_completion", "alpaca"],
+    )
+    messages_column: str = _opt("messages", "Column of chat messages ({role, content} or ShareGPT {from, value}).")
+    prompt_column: str = _opt("prompt", "Column of prompts (prompt_completion).")
+    completion_column: str = _opt("completion", "Column of completions (prompt_completion).")
+    instruction_column: str = _opt("instruction", "Column of instructions (alpaca).")
+    input_column: str = _opt("input", "Column of optional inputs (alpaca).")
+    output_column: str = _opt("output", "Column of answers (alpaca).")
+    chat_template: str | None = _opt(
+        None, "Jinja chat template file. Default: the tokenizer's own, else Gemma 3's turn format (saved with the model)."
+    )
+    train_on_prompt: bool = _opt(False, "Chat/instruction data: train on the prompts too, not only on the answers.")
+    packing: bool = _opt(
+        True, "Chat/instruction data: pack whole examples into rows of --max_seq_length (no cross-attention "
+        "between them); false pads each batch instead."
+    )
+    overlong: str = _opt(
+        "truncate", "Chat/instruction examples longer than --max_seq_length: truncate (keep the start) or drop.",
+        choices=["truncate", "drop"],
+    )
 
 
 @dataclass
@@ -89,6 +113,51 @@ class RunOptions:
     eval_before_training: bool = _opt(True, "Evaluate once before training, to show the gain.")
     sample_prompts: list[str] = _opt(DEFAULT_PROMPTS, "Prompts the fine-tuned model continues at the end.")
     max_new_tokens: int = _opt(40, "Tokens generated for each sample prompt (0 skips generation).")
+    eval_only: bool = _opt(False, "Evaluate the model on the validation data without training; writes eval_results.json.")
+
+
+@dataclass
+class LoraOptions:
+    _argument_group_name = "LoRA (peft)"
+
+    use_lora: bool = _opt(False, "Train LoRA adapters (peft) instead of every weight.")
+    lora_r: int = _opt(16, "LoRA rank.")
+    lora_alpha: float = _opt(32.0, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _opt(0.05, "Dropout on the LoRA path's input.")
+    lora_target_modules: str = _opt(
+        "all-linear", "Modules that get adapters: all-linear (every attention and MLP projection, not the output "
+        "head), or a comma list such as q_proj,v_proj."
+    )
+    lora_trainable_tokens: str | None = _opt(
+        None, "Token ids or strings whose embedding rows are trained too (e.g. '<start_of_turn>,<end_of_turn>'), "
+        "without untying the embedding from the output head."
+    )
+    merge_lora: bool = _opt(False, "Also write the merged full model to {output_dir}/merged/.")
+
+
+@dataclass
+class InfluenceOptions:
+    _argument_group_name = "data influence"
+
+    influence: bool = _opt(False, "Score every training example's influence on the reference set (TracIn, exact).")
+    influence_val_examples: str = _opt("32", "Validation examples in the reference set (chosen with --seed), or 'all'.")
+    influence_steps: int = _opt(1, "Score every N optimizer steps.")
+    influence_preconditioner: str = _opt(
+        "none", "none: plain gradient dot products; adam: the validation gradient divided by AdamW's denominator.",
+        choices=["none", "adam"],
+    )
+
+
+@dataclass
+class DistillOptions:
+    _argument_group_name = "distillation"
+
+    teacher_model_name_or_path: str | None = _opt(None, "A teacher model with the same tokenizer: distil from it.")
+    distill_alpha: float = _opt(0.5, "Weight of the distillation term: (1 - alpha) * CE + alpha * T^2 * KL.")
+    distill_temperature: float = _opt(2.0, "Softmax temperature T of both models in the KL term.")
+    distill_direction: str = _opt(
+        "forward", "forward: KL(teacher || student); reverse: KL(student || teacher).", choices=["forward", "reverse"]
+    )
 
 
 # TrainingArguments fields whose default here differs from transformers': (our default, why).
@@ -131,16 +200,17 @@ def _with_our_defaults(base: type) -> type:
 
 
 TrainerOptions = _with_our_defaults(TrainingArguments)
-OPTION_GROUPS = (ModelOptions, DataOptions, RunOptions, TrainerOptions)
+OUR_GROUPS = (ModelOptions, DataOptions, RunOptions, LoraOptions, InfluenceOptions, DistillOptions)
+OPTION_GROUPS = (*OUR_GROUPS, TrainerOptions)
 
 
 @dataclass
-class Config(TrainerOptions, RunOptions, DataOptions, ModelOptions):
+class Config(TrainerOptions, DistillOptions, InfluenceOptions, LoraOptions, RunOptions, DataOptions, ModelOptions):
     """Our options and every TrainingArguments field, in one object the Trainer takes as `args`."""
 
 
 _HINTS = typing.get_type_hints(Config)
-OURS = {f.name for group in (ModelOptions, DataOptions, RunOptions) for f in dataclasses.fields(group)}
+OURS = {f.name for group in OUR_GROUPS for f in dataclasses.fields(group)}
 FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.init}
 
 
