@@ -46,8 +46,8 @@ def prepare(cfg: Config):
     hub.check_access(cfg)  # no network: cache only, and a fast answer instead of 25 s of retries
     model_path = models.resolve(cfg.model_name_or_path)
     model_config = models.load_config(cfg, model_path)
-    validate.check_against_model(cfg, model_config)
     tokenizer = models.load_tokenizer(cfg, model_path)
+    validate.check_against_model(cfg, model_config, tokenizer)
     build = streaming.build_streaming_datasets if cfg.streaming else data.build_datasets
     datasets = build(cfg, tokenizer)
     steps = estimate.step_counts(cfg, datasets.train_chunks, cfg.world_size)["total_steps"]
@@ -66,7 +66,7 @@ def evaluate(trainer, prefix: str) -> dict:
 
 
 def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dict:
-    from tuner import preemption, report
+    from tuner import lora, preemption, report
 
     started = time.time()
     results: dict = {}
@@ -87,16 +87,18 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
         results["samples"] = report.generate_samples(trainer.model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
         report.print_samples(results["samples"])
         report.save_json(Path(cfg.output_dir) / "samples.json", results["samples"])
+    if cfg.merge_lora:
+        results["merged"] = lora.merge_if_asked(cfg, trainer, tokenizer)  # last: merges in place
     results["wall_seconds"] = time.time() - started
     results["summary"] = report.finish(cfg, trainer, results)
     return results
 
 
-def dry_run(cfg: Config, model_config, datasets) -> dict:
+def dry_run(cfg: Config, model_config, tokenizer, datasets) -> dict:
     """Print the resolved config and the derived numbers; load no weights and write nothing."""
     from tuner import estimate
 
-    numbers = estimate.estimate(cfg, model_config, datasets, cfg.world_size)
+    numbers = estimate.estimate(cfg, model_config, datasets, cfg.world_size, tokenizer)
     if cfg.process_index == 0:
         print(to_yaml(cfg))
         print(estimate.format_report(cfg, numbers))
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     except UsageError as error:
         report_and_exit(error)
     if cfg.dry_run:
-        return dry_run(cfg, model_config, datasets)
+        return dry_run(cfg, model_config, tokenizer, datasets)
 
     from tuner import models, training
 

@@ -122,6 +122,14 @@ CASES = [
         ["--dataloader_num_workers 2 with --streaming", "0"],
     ),
     ("label smoothing above 1", lambda d: ["--label_smoothing_factor", "1.5"], ["--label_smoothing_factor 1.5", "below 1"]),
+    ("merge without lora", lambda d: ["--merge_lora"], ["--merge_lora", "--use_lora"]),
+    (
+        "lora target that matches nothing",
+        lambda d: ["--use_lora", "--lora_target_modules", "q_proj,qkv_proj"],
+        ["--lora_target_modules", "qkv_proj", "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"],
+    ),
+    ("lora token that is not one token", lambda d: ["--use_lora", "--lora_trainable_tokens", "<start_of_turn>,hello world"], ["--lora_trainable_tokens", "hello world"]),
+    ("lora rank zero", lambda d: ["--use_lora", "--lora_r", "0"], ["--lora_r 0", "at least 1"]),
 ]
 
 

@@ -122,24 +122,30 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
     else:
         kept = layers * per_token["layer"]
     n, vocab = params["parameters"], text.vocab_size
+    trainable = params.get("trainable_parameters", n)  # LoRA: gradients and optimizer state for the adapter only
+    head_matrix = vocab * text.hidden_size * 4  # one fp32 (vocab x hidden) buffer
+    # Ours holds the fp32 gradient of lm_head, computed in the forward, until backward (tuner/loss.py);
+    # a frozen head (LoRA) skips it, and peft's trainable token rows make three dense copies instead.
+    head_gradient = head_matrix if not cfg.use_lora else 3 * head_matrix if cfg.lora_trainable_tokens else 0
     chunk = min(loss_chunk_tokens(vocab), tokens)
     memory = {
         # Under autocast the bf16 copy of every matmul weight is saved for backward. That includes
         # the tied embedding: the model still runs lm_head, on zero positions (tuner/loss.py).
         "weights": n * weight_bytes + (2 * n if autocast else 0),
-        "gradients": n * weight_bytes,
-        "optimizer": ADAMW_STATES * n * weight_bytes,
+        "gradients": trainable * weight_bytes,
+        "optimizer": ADAMW_STATES * trainable * weight_bytes,
         "activations": int(tokens * (kept + per_token["outside"])),
-        # Both losses upcast logits to fp32. Ours also holds the (vocab x hidden) fp32 gradient of
-        # lm_head, computed in the forward, until backward (tuner/loss.py).
-        "logits": LOGIT_BUFFERS * chunk * vocab * 4 + vocab * text.hidden_size * 4,
+        # Both losses upcast logits to fp32.
+        "logits": LOGIT_BUFFERS * chunk * vocab * 4 + head_gradient,
     }
     if world_size > 1:
-        memory["ddp_buckets"] = n * weight_bytes  # DDP's flat all-reduce buffers: one more gradient copy
+        memory["ddp_buckets"] = trainable * weight_bytes  # DDP's flat all-reduce buffers: one more gradient copy
     memory["total"] = sum(memory.values())
     return {
         "memory": memory,
         "standard_loss_logits": LOGIT_BUFFERS * tokens * vocab * 4,
+        "head_gradient": ("" if not head_gradient else ", + lm_head's fp32 gradient" if not cfg.use_lora
+                          else ", + 3 fp32 (vocab x hidden) copies for peft's trainable token rows"),  # fmt: skip
         "loss_chunk_tokens": chunk,
         "micro_batch_tokens": tokens,
         "vocab_size": vocab,
@@ -150,10 +156,14 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
     }
 
 
-def estimate(cfg, model_config, datasets, world_size: int) -> dict:
+def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None) -> dict:
     """Every derived number of the run, without loading weights. `datasets` is a tuner.data.Datasets."""
     train_chunks = datasets.train_chunks  # None for a stream
     params = count_parameters(model_config)
+    if cfg.use_lora:
+        from . import lora
+
+        params.update(lora.count_trainable_parameters(model_config, lora.config_from_options(cfg, tokenizer)))
     return {
         "world_size": world_size,
         **step_counts(cfg, train_chunks, world_size),
@@ -191,17 +201,18 @@ def format_report(cfg, numbers: dict) -> str:
         ("total steps", f"{count(n['total_steps'])} ({epochs})"),
         ("parameters", f"{n['parameters']:,} (embedding {n['embedding_parameters']:,}"
          f"{', tied with lm_head: counted once' if n['tied_embeddings'] else ''})"),
+        *([("trainable (LoRA)", f"{n['trainable_parameters']:,} ({n['trainable_percent']:.2f}%)")] if cfg.use_lora else []),
     ]  # fmt: skip
     copies = f" + {n['compute_dtype']} autocast copies" if n["autocast"] else ""
     recompute = ", gradient checkpointing" if checkpointing(cfg) else ""
     memory = [
         ("weights", m["weights"], n["weight_dtype"] + copies),
-        ("gradients", m["gradients"], n["weight_dtype"]),
+        ("gradients", m["gradients"], n["weight_dtype"] + (", trainable (LoRA) only" if cfg.use_lora else "")),
         ("optimizer state", m["optimizer"], f"AdamW: {ADAMW_STATES} states, {n['weight_dtype']}"),
         ("activations", m["activations"], f"{n['micro_batch_tokens']:,} tokens per micro-batch, {n['compute_dtype']}, "
          f"{n['attention']}{recompute}"),
         ("logits (chunked loss)", m["logits"], f"{n['loss_chunk_tokens']:,}-token chunks x {n['vocab_size']:,} vocab, "
-         "fp32 x 3, + lm_head's fp32 gradient"),
+         f"fp32 x 3{n['head_gradient']}"),
     ]  # fmt: skip
     if "ddp_buckets" in m:
         memory.append(("DDP gradient buckets", m["ddp_buckets"], "one more gradient copy"))

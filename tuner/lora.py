@@ -245,6 +245,12 @@ def build_lora_config(r: int = DEFAULT_R, alpha: float = DEFAULT_ALPHA, dropout:
     )
 
 
+def config_from_options(cfg, tokenizer):
+    """The LoraConfig that --use_lora and the --lora_* options ask for."""
+    token_ids = trainable_token_ids(cfg.lora_trainable_tokens, tokenizer)
+    return build_lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules, token_ids)
+
+
 def _get_peft_model(model, lora_config):
     import warnings
 
@@ -313,3 +319,17 @@ def save_merged(peft_model, tokenizer, directory: str | Path, dtype=None):
     tokenizer.save_pretrained(directory)
     logger.info("Merged model saved in %s (AutoModelForCausalLM.from_pretrained loads it without peft)", directory)
     return merged
+
+
+def merge_if_asked(cfg, trainer, tokenizer) -> str | None:
+    """--merge_lora: the merged model in {output_dir}/merged/, in the dtype the base model was saved in.
+    Call last: the merge happens in place (see save_merged)."""
+    if not cfg.merge_lora or not trainer.is_world_process_zero():
+        return None
+    from transformers import AutoConfig
+
+    peft_model = trainer.model
+    base = peft_model.peft_config[peft_model.active_adapter].base_model_name_or_path
+    directory = Path(cfg.output_dir) / "merged"
+    save_merged(peft_model, tokenizer, directory, dtype=AutoConfig.from_pretrained(base).dtype)
+    return str(directory)

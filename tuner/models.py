@@ -98,4 +98,11 @@ def load_model(cfg, path: str, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
     if checkpointing(cfg):
         model.config.use_cache = False  # the cache is useless in training and conflicts with recomputation
+    if cfg.use_lora:
+        from transformers import set_seed
+
+        from . import lora
+
+        set_seed(cfg.seed)  # the adapter's random initialisation, reproducible (the Trainer seeds only later)
+        model = lora.apply_lora(model, lora.config_from_options(cfg, tokenizer), checkpointing(cfg))
     return model

@@ -178,17 +178,29 @@ def trainer_problems(cfg) -> list[str]:
     return problems
 
 
+def lora_problems(cfg) -> list[str]:
+    from . import lora
+
+    return lora.option_problems(cfg.use_lora, cfg.merge_lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                                cfg.lora_target_modules, cfg.lora_trainable_tokens)  # fmt: skip
+
+
 def validate(cfg) -> None:
     problems = (
         number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + trainer_problems(cfg) + path_problems(cfg)
-    )
+        + lora_problems(cfg)
+    )  # fmt: skip
     if problems:
         raise UsageError(problems)
 
 
-def check_against_model(cfg, model_config) -> None:
-    """Checks that need the model's config.json (but not its weights)."""
+def check_against_model(cfg, model_config, tokenizer) -> None:
+    """Checks that need the model's config.json and tokenizer (but not its weights)."""
     problems = []
+    if cfg.use_lora:
+        from . import lora
+
+        problems += lora.model_problems(model_config, tokenizer, cfg.lora_target_modules, cfg.lora_trainable_tokens)
     limit = models.max_positions(model_config)
     if limit and cfg.max_seq_length > limit:
         problems.append(
