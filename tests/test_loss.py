@@ -182,3 +182,25 @@ def test_chunk_hook_sees_every_row_once_with_its_logit_gradient():
     torch.testing.assert_close(torch.cat([h for _, h, _ in seen]), hidden.detach(), rtol=0, atol=0)
     torch.testing.assert_close(torch.cat([g for _, _, g in seen]), expected, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_label_smoothing_equals_transformers_label_smoother(model, batch, softcap):
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    smoother = LabelSmoother(epsilon=0.1)
+    model.config.final_logit_softcapping = softcap
+    try:
+        def reference():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            return smoother({"logits": logits}, batch["labels"], shift_labels=True)
+
+        expected, expected_grads = loss_and_grads(model, reference)
+        ours, grads = loss_and_grads(model, lambda: compute_causal_lm_loss(model, batch, chunk_size=4, label_smoothing=0.1)[0])
+    finally:
+        model.config.final_logit_softcapping = None
+    assert_close(ours, expected)
+    plain = compute_causal_lm_loss(model, batch)[0].detach()
+    assert not torch.allclose(ours, plain)  # smoothing changed the loss
+    for name, grad in grads.items():
+        assert_close(grad, expected_grads[name], name)

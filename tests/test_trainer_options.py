@@ -123,11 +123,21 @@ def test_push_to_hub_pushes_the_model_at_the_end_and_no_secret(tiny_model, write
             assert b"hf_test_secret_token_value" not in path.read_bytes(), path
 
 
-def test_eval_strategy_epoch_and_label_smoothing_run(tiny_model, write_corpus, tmp_path):
+def test_eval_strategy_epoch(tiny_model, write_corpus, tmp_path):
     out = tmp_path / "out"
-    metrics = entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--eval_strategy", "epoch", "--max_steps", "-1",
-                                   "--num_train_epochs", "1", "--max_train_samples", "6", "--save_strategy", "epoch",
-                                   "--label_smoothing_factor", "0.1"))  # fmt: skip
+    entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--eval_strategy", "epoch", "--max_steps", "-1",
+                         "--num_train_epochs", "1", "--max_train_samples", "6", "--save_strategy", "epoch"))  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
-    assert [e["epoch"] for e in state["log_history"] if "eval_loss" in e][0] == pytest.approx(1.0)
-    assert math.isfinite(metrics["train"]["train_loss"])
+    assert [e["epoch"] for e in state["log_history"] if "eval_loss" in e] == [pytest.approx(1.0)]
+
+
+def test_label_smoothing_changes_the_training_loss_but_not_the_evaluation(tiny_model, write_corpus, tmp_path):
+    corpus = write_corpus("jsonl")
+    runs = [
+        entry.main(tiny_args(tiny_model, corpus, tmp_path / str(eps), "--max_steps", "1", "--eval_before_training", "true",
+                             "--label_smoothing_factor", str(eps)))  # fmt: skip
+        for eps in (0.0, 0.2)
+    ]
+    plain, smoothed = (r["train"]["train_loss"] for r in runs)
+    assert abs(smoothed - plain) > 1e-3  # the same first batch, another loss (exactness: tests/test_loss.py)
+    assert runs[0]["before_training"]["eval_loss"] == runs[1]["before_training"]["eval_loss"]

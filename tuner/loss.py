@@ -38,7 +38,8 @@ def default_chunk_size(vocab_size: int) -> int:
 
 
 def compute_causal_lm_loss(
-    model, inputs: dict, num_items_in_batch=None, use_liger: bool = False, chunk_size: int | None = None, head_hook=None
+    model, inputs: dict, num_items_in_batch=None, use_liger: bool = False, chunk_size: int | None = None, head_hook=None,
+    label_smoothing: float = 0.0,
 ):
     """Loss of a (possibly DDP/accelerate-wrapped) causal LM; returns (loss, outputs).
 
@@ -47,6 +48,9 @@ def compute_causal_lm_loss(
 
     `head_hook` (influence scoring, see influence.py) is told the flat (B*T) positions of the counted
     tokens, sees each chunk's hidden states and logit gradients, and gets the summed loss tensor.
+
+    `label_smoothing` (epsilon) gives each token the loss (1 - epsilon) * CE + epsilon * (the mean over the
+    vocabulary of -log p), as transformers' LabelSmoother (--label_smoothing_factor) does.
     """
     head, softcap = _output_head(model)
     labels, shift_labels = inputs.get("labels"), inputs.get("shift_labels")
@@ -67,10 +71,10 @@ def compute_causal_lm_loss(
     if use_liger:
         if head_hook is not None:
             raise ValueError("Liger's fused loss never exposes the logit gradients that head_hook needs")
-        loss_sum = _liger_loss_sum(head.weight, hidden, targets, softcap)
+        loss_sum = _liger_loss_sum(head.weight, hidden, targets, softcap, label_smoothing)
     else:
         chunk_hook = None if head_hook is None else head_hook.bind(rows)
-        loss_sum = chunked_cross_entropy_sum(hidden, head.weight, targets, softcap, chunk_size, chunk_hook)
+        loss_sum = chunked_cross_entropy_sum(hidden, head.weight, targets, softcap, chunk_size, chunk_hook, label_smoothing)
         if head_hook is not None:
             head_hook.watch(loss_sum)
     if num_items_in_batch is None:
@@ -95,7 +99,9 @@ def _output_head(model) -> tuple[torch.nn.Linear, float | None]:
     return head, getattr(config, "final_logit_softcapping", None)
 
 
-def chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=None, chunk_hook=None) -> torch.Tensor:
+def chunked_cross_entropy_sum(
+    hidden, weight, targets, softcap=None, chunk_size=None, chunk_hook=None, smoothing: float = 0.0
+) -> torch.Tensor:
     """Sum over rows of -log softmax(softcap(hidden @ weight.T))[target]; hidden (N, H), weight (V, H).
 
     Differentiable in `hidden` and `weight`; `targets` (N,) must already exclude ignored rows.
@@ -104,16 +110,18 @@ def chunked_cross_entropy_sum(hidden, weight, targets, softcap=None, chunk_size=
     """
     chunk_size = chunk_size or default_chunk_size(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size, chunk_hook)
-    return _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need=(False, False))[0]
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, softcap, chunk_size, chunk_hook, smoothing)
+    return _loss_and_grads(hidden, weight, targets, softcap, chunk_size, (False, False), None, smoothing)[0]
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, softcap, chunk_size, chunk_hook):
+    def forward(ctx, hidden, weight, targets, softcap, chunk_size, chunk_hook, smoothing=0.0):
         # A frozen head (e.g. LoRA) skips the weight gradient: a third of the matmuls and 640 MiB.
         need = ctx.needs_input_grad[:2]
-        loss_sum, grad_hidden, grad_weight = _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need, chunk_hook)
+        loss_sum, grad_hidden, grad_weight = _loss_and_grads(
+            hidden, weight, targets, softcap, chunk_size, need, chunk_hook, smoothing
+        )
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.backward_done = False
         return loss_sum
@@ -130,10 +138,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for grad in grads:
                 if grad is not None:
                     grad.mul_(grad_loss.to(grad.dtype))
-        return *grads, None, None, None, None
+        return *grads, None, None, None, None, None
 
 
-def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bool, bool], chunk_hook=None):
+def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bool, bool], chunk_hook=None, smoothing=0.0):
     """Loss sum and the gradients asked for by `need`: wrt hidden (N, H), wrt weight (V, H)."""
     acc = torch.promote_types(weight.dtype, torch.float32)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -143,7 +151,7 @@ def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bo
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         h, y = hidden[rows], targets[rows]  # (c, H), (c,)
-        chunk_loss, grad_logits = _chunk_loss(h @ weight.T, y, softcap, with_grads=any(need))  # logits (c, V)
+        chunk_loss, grad_logits = _chunk_loss(h @ weight.T, y, softcap, any(need), smoothing)  # logits (c, V)
         loss_sum += chunk_loss
         if grad_hidden is not None:  # grad_logits (c, V) is in the accumulation dtype
             grad_hidden[rows] = grad_logits.to(weight.dtype) @ weight
@@ -157,14 +165,17 @@ def _loss_and_grads(hidden, weight, targets, softcap, chunk_size, need: tuple[bo
     return loss_sum, grad_hidden, grad_weight
 
 
-def _chunk_loss(logits, targets, softcap, with_grads):
-    """Summed cross-entropy of one chunk of logits (c, V), and d(sum)/d(logits) (c, V) if asked."""
+def _chunk_loss(logits, targets, softcap, with_grads, smoothing=0.0):
+    """Summed cross-entropy of one chunk of logits (c, V), and d(sum)/d(logits) (c, V) if asked.
+    With label smoothing epsilon, each row's loss is lse - (1 - epsilon) z_target - epsilon mean(z)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as transformers' .float()
     if softcap is not None:
         # Gemma's final_logit_softcapping: cap * tanh(logits / cap), as in the model's forward.
         squashed = logits.div_(softcap).tanh_()  # in place: the raw logits are not needed again
         logits = squashed * softcap
     target_logits = logits.gather(1, targets[:, None]).squeeze(1)  # (c,)
+    if smoothing:
+        target_logits = (1 - smoothing) * target_logits + smoothing * logits.mean(dim=-1)
     # logsumexp by hand, in place: torch.logsumexp would allocate another (c, V) temporary.
     row_max = logits.amax(dim=-1, keepdim=True)  # (c, 1)
     exps = logits.sub_(row_max).exp_()  # (c, V), the logits buffer reused
@@ -174,18 +185,22 @@ def _chunk_loss(logits, targets, softcap, with_grads):
         return loss, None
     # d(loss)/d(logits) = softmax - onehot, still in the same buffer.
     grad = exps.div_(sums)
-    grad[torch.arange(targets.shape[0], device=grad.device), targets] -= 1
+    grad[torch.arange(targets.shape[0], device=grad.device), targets] -= 1 - smoothing
+    if smoothing:
+        grad.sub_(smoothing / grad.shape[-1])
     if softcap is not None:
         grad.mul_(squashed.square_().neg_().add_(1))  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
     return loss, grad
 
 
-def _liger_loss_sum(weight, hidden, targets, softcap) -> torch.Tensor:
+def _liger_loss_sum(weight, hidden, targets, softcap, smoothing: float = 0.0) -> torch.Tensor:
     """liger-kernel's fused Triton kernel: the same chunked idea, faster on CUDA."""
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     except ImportError as error:
         raise ImportError(f"--use_liger_kernel needs liger-kernel: {_LIGER_HINT}") from error
     # "sum" so the caller divides by num_items_in_batch or the count, as for the chunked loss.
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+    loss_fn = LigerFusedLinearCrossEntropyLoss(
+        ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap, label_smoothing=smoothing
+    )
     return loss_fn(weight, hidden, targets)

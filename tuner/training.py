@@ -64,7 +64,12 @@ class LeanLossTrainer(Trainer):
 
         if not self.lean_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = compute_causal_lm_loss(model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel)
+        # Label smoothing shapes training only: the evaluation loss stays the plain per-token NLL, so
+        # perplexity = exp(eval_loss) keeps its meaning.
+        smoothing = self.args.label_smoothing_factor if model.training else 0.0
+        loss, outputs = compute_causal_lm_loss(
+            model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel, label_smoothing=smoothing
+        )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
         return (loss, outputs) if return_outputs else loss
