@@ -12,16 +12,13 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import main as entry
+from tiny import tiny_args
 from tuner import training
 
 
-def tiny_args(model: str, train_file: str, out, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out), "--max_seq_length", "64",
-        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--max_steps", "6",
-        "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "0",
-        "--report_to", "none", "--max_new_tokens", "0", "--validation_split_percentage", "0", *extra,
-    ]  # fmt: skip
+def run_args(model: str, train_file: str, out, *extra: str) -> list[str]:
+    return tiny_args(model, train_file, out, "--save_steps", "1", "--max_new_tokens", "0", "--validation_split_percentage",
+                     "0", *extra)  # fmt: skip
 
 
 class PoisonStep(TrainerCallback):
@@ -59,14 +56,14 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_the_rerun_resumes(tiny_model, 
     with monkeypatch.context() as patch:
         with_callback(patch, PoisonStep(4))
         with pytest.raises(SystemExit) as exit_info:
-            entry.main(tiny_args(tiny_model, corpus, out))
+            entry.main(run_args(tiny_model, corpus, out))
     assert exit_info.value.code == 1
     message = capsys.readouterr().err
     assert "Training stopped at step 4: the training loss is nan" in message and "Traceback" not in message
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert training.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-3")
     assert all(all_finite(c) for c in out.glob("checkpoint-*"))
-    resumed = entry.main(tiny_args(tiny_model, corpus, out))
+    resumed = entry.main(run_args(tiny_model, corpus, out))
     assert resumed["summary"]["global_step"] == 6 and math.isfinite(resumed["train"]["train_loss"])
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3, 4, 5, 6]  # 1-3 from checkpoint-3
@@ -75,7 +72,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_the_rerun_resumes(tiny_model, 
 def test_a_diverging_learning_rate_stops_with_the_gradient_or_loss_named(tiny_model, write_corpus, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--learning_rate", "1e30", "--max_grad_norm", "0"))
+        entry.main(run_args(tiny_model, write_corpus("jsonl"), out, "--learning_rate", "1e30", "--max_grad_norm", "0"))
     assert exit_info.value.code == 1
     message = capsys.readouterr().err
     assert "Training stopped at step" in message and ("loss is" in message or "gradient norm is" in message)

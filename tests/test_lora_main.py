@@ -16,18 +16,14 @@ import torch
 from safetensors.torch import load_file
 
 import main as entry
+from tiny import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def lora_args(model: str, train_file: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out), "--use_lora",
-        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
-        "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1", "--learning_rate", "1e-2",
-        "--warmup_steps", "0", "--report_to", "none", "--max_eval_samples", "4", "--max_new_tokens", "3",
-        "--lora_dropout", "0", *extra,
-    ]  # fmt: skip
+    return tiny_args(model, train_file, out, "--use_lora", "--learning_rate", "1e-2", "--max_eval_samples", "4",
+                     "--max_new_tokens", "3", "--lora_dropout", "0", *extra)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,8 @@ import pytest
 from transformers import TrainerCallback
 
 import main as entry
+from tiny import tiny_args
 from tuner import training
-
-
-def tiny_args(model: str, train_file: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out),
-        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-        "--gradient_accumulation_steps", "2", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
-        "--logging_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none",
-        "--max_eval_samples", "8", "--max_new_tokens", "5", "--eval_before_training", "false", *extra,
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "txt", "parquet"])

@@ -14,20 +14,16 @@ import yaml
 from safetensors.torch import load_file
 
 import main as entry
+from tiny import tiny_args
 from tuner import config, training
 
 STEPS = 6
 LEARNING_RATE = 5e-2
 
 
-def tiny_args(model: str, train_file: str, out: Path, *extra: str) -> list[str]:
-    return [
-        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out),
-        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
-        "--gradient_accumulation_steps", "1", "--max_steps", str(STEPS), "--save_steps", "1", "--eval_steps", "1",
-        "--logging_steps", "1", "--warmup_steps", "0", "--report_to", "none", "--max_eval_samples", "8",
-        "--max_new_tokens", "0", "--eval_before_training", "false", *extra,
-    ]  # fmt: skip
+def run_args(model: str, train_file: str, out: Path, *extra: str) -> list[str]:
+    return tiny_args(model, train_file, out, "--gradient_accumulation_steps", "1", "--save_steps", "1", "--eval_steps", "1",
+                     "--max_new_tokens", "0", *extra)  # fmt: skip
 
 
 def capture_trainer(monkeypatch) -> dict:
@@ -55,7 +51,7 @@ def test_scheduler_optimizer_clipping_and_best_model_take_effect(tiny_model, wri
 
     captured = capture_trainer(monkeypatch)
     out = tmp_path / "out"
-    entry.main(tiny_args(
+    entry.main(run_args(
         tiny_model, write_corpus("jsonl"), out, "--lr_scheduler_type", "cosine", "--optim", "adafactor",
         "--learning_rate", str(LEARNING_RATE), "--max_grad_norm", "0.5", "--load_best_model_at_end",
         "--metric_for_best_model", "eval_loss", "--save_total_limit", "10",
@@ -77,7 +73,7 @@ def test_scheduler_optimizer_clipping_and_best_model_take_effect(tiny_model, wri
 
 def test_run_config_reproduces_the_training_arguments_and_the_dry_run_prints_it(tiny_model, write_corpus, tmp_path, capsys):
     corpus = write_corpus("jsonl")
-    args = tiny_args(tiny_model, corpus, tmp_path / "out", "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
+    args = run_args(tiny_model, corpus, tmp_path / "out", "--lr_scheduler_type", "cosine", "--adam_beta2", "0.95",
                      "--max_steps", "2", "--warmup_steps", "500")  # fmt: skip
     entry.main(args + ["--dry_run"])
     printed = capsys.readouterr().out
@@ -112,7 +108,7 @@ def test_push_to_hub_pushes_the_model_at_the_end_and_no_secret(tiny_model, write
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setenv("HF_TOKEN", "hf_test_secret_token_value")
     out = tmp_path / "out"
-    entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--push_to_hub", "--hub_model_id", "me/gemma-ft",
+    entry.main(run_args(tiny_model, write_corpus("jsonl"), out, "--push_to_hub", "--hub_model_id", "me/gemma-ft",
                          "--hub_strategy", "end", "--save_steps", "3", "--eval_steps", "3"))  # fmt: skip
     assert calls[0][0] == "create_repo" and calls[0][1]["repo_id"] == "me/gemma-ft"
     final = [c for name, c in calls if name == "upload_folder"][-1]
@@ -125,7 +121,7 @@ def test_push_to_hub_pushes_the_model_at_the_end_and_no_secret(tiny_model, write
 
 def test_eval_strategy_epoch(tiny_model, write_corpus, tmp_path):
     out = tmp_path / "out"
-    entry.main(tiny_args(tiny_model, write_corpus("jsonl"), out, "--eval_strategy", "epoch", "--max_steps", "-1",
+    entry.main(run_args(tiny_model, write_corpus("jsonl"), out, "--eval_strategy", "epoch", "--max_steps", "-1",
                          "--num_train_epochs", "1", "--max_train_samples", "6", "--save_strategy", "epoch"))  # fmt: skip
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e["epoch"] for e in state["log_history"] if "eval_loss" in e] == [pytest.approx(1.0)]
@@ -134,7 +130,7 @@ def test_eval_strategy_epoch(tiny_model, write_corpus, tmp_path):
 def test_label_smoothing_changes_the_training_loss_but_not_the_evaluation(tiny_model, write_corpus, tmp_path):
     corpus = write_corpus("jsonl")
     runs = [
-        entry.main(tiny_args(tiny_model, corpus, tmp_path / str(eps), "--max_steps", "1", "--eval_before_training", "true",
+        entry.main(run_args(tiny_model, corpus, tmp_path / str(eps), "--max_steps", "1", "--eval_before_training", "true",
                              "--label_smoothing_factor", str(eps)))  # fmt: skip
         for eps in (0.0, 0.2)
     ]

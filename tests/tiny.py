@@ -60,3 +60,14 @@ def save_tiny_model(directory: Path) -> Path:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_args(model: str, train_file: str, out, *extra: str) -> list[str]:
+    """main.py flags for a quick run of the tiny model; later flags in `extra` override these."""
+    return [
+        "--model_name_or_path", model, "--train_file", train_file, "--output_dir", str(out),
+        "--max_seq_length", "64", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+        "--gradient_accumulation_steps", "2", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3",
+        "--logging_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none",
+        "--max_eval_samples", "8", "--max_new_tokens", "5", "--eval_before_training", "false", *extra,
+    ]  # fmt: skip
