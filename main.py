@@ -41,15 +41,16 @@ def configure(argv: list[str] | None) -> Config:
 def prepare(cfg: Config):
     """Every check and every cheap load, before model weights load:
     (model path, model config, tokenizer, datasets)."""
-    from tuner import data, estimate, hub, models, streaming, training, validate
+    from tuner import data, estimate, hub, models, training, validate
 
     hub.check_access(cfg)  # no network: cache only, and a fast answer instead of 25 s of retries
     model_path = models.resolve(cfg.model_name_or_path)
     model_config = models.load_config(cfg, model_path)
     tokenizer = models.load_tokenizer(cfg, model_path)
     validate.check_against_model(cfg, model_config, tokenizer)
-    build = streaming.build_streaming_datasets if cfg.streaming else data.build_datasets
-    datasets = build(cfg, tokenizer)
+    datasets = data.build_datasets(cfg, tokenizer)  # any format, in memory or streamed
+    cfg.data_format = datasets.format  # auto resolved, so run_config.yaml reproduces the run
+    validate.check_against_data(cfg, datasets)
     steps = estimate.step_counts(cfg, datasets.train_chunks, cfg.world_size)["total_steps"]
     training.finalize(cfg, datasets.eval is not None, steps)
     return model_path, model_config, tokenizer, datasets
@@ -84,7 +85,9 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
         results["eval"] = evaluate(trainer, "After training")
         trainer.save_metrics("eval", results["eval"])
     if trainer.is_world_process_zero():
-        results["samples"] = report.generate_samples(trainer.model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens)
+        results["samples"] = report.generate_samples(
+            trainer.model, tokenizer, cfg.sample_prompts, cfg.max_new_tokens, chat=cfg.data_format != "text"
+        )  # chat data: each prompt a user turn
         report.print_samples(results["samples"])
         report.save_json(Path(cfg.output_dir) / "samples.json", results["samples"])
     if cfg.merge_lora:
@@ -92,6 +95,13 @@ def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dic
     results["wall_seconds"] = time.time() - started
     results["summary"] = report.finish(cfg, trainer, results)
     return results
+
+
+def evaluate_only(cfg: Config, trainer) -> dict:
+    """--eval_only: the loss per trained token on the validation data, saved as eval_results.json; no training."""
+    metrics = evaluate(trainer, "Evaluation")
+    trainer.save_metrics("eval", metrics)
+    return {"eval": metrics}
 
 
 def dry_run(cfg: Config, model_config, tokenizer, datasets) -> dict:
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     model = models.load_model(cfg, model_path, tokenizer)
     trainer = training.build_trainer(cfg, model, tokenizer, datasets)
+    if cfg.eval_only:
+        return evaluate_only(cfg, trainer)
     try:
         return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
     except UsageError as error:  # the few found only once training starts (a checkpoint's contents)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tuner import data, grouping
+from tuner import data, grouping, sources
 from tuner.config import parse_args
 from tuner.errors import UsageError
 
@@ -21,25 +21,28 @@ def cfg_for(train_file: str, tmp_path, *extra: str):
     return parse_args(["--train_file", train_file, "--max_seq_length", "32", "--cache_dir", str(tmp_path / "tok"), *extra])
 
 
-def test_split_documents_is_seeded_and_disjoint():
-    docs = [f"doc {i}" for i in range(40)]
-    train, val = data.split_documents(docs, 10, seed=1)
-    assert len(val) == 4 and len(train) == 36 and not set(train) & set(val)
-    assert data.split_documents(docs, 10, seed=1) == (train, val)
-    assert data.split_documents(docs, 10, seed=2)[1] != val
-    assert data.split_documents(docs, 0, seed=1) == (docs, [])
+def test_split_of_a_single_document_is_refused(tmp_path, tokenizer):
+    path = tmp_path / "one.jsonl"
+    path.write_text('{"text": "one"}\n', encoding="utf-8")
+    with pytest.raises(UsageError, match="only 1 row"):
+        data.cached_chunks(cfg_for(str(path), tmp_path, "--validation_split_percentage", "99"), tokenizer)
 
 
-def test_split_of_a_single_document_is_refused():
-    with pytest.raises(UsageError, match="only 1 document"):
-        data.split_documents(["one"], 5, seed=0)
-
-
-def test_txt_files_are_split_into_paragraph_documents(write_corpus, tmp_path):
+def test_txt_files_are_split_into_paragraph_documents(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("first para\nstill first\n\nsecond para\n\n\nthird\n", encoding="utf-8")
-    texts = data.texts_of(data.load_local("--train_file", str(path)), "text", str(path))
+    source = sources.OpenSource(sources.Source("--train_file", str(path)), sources.load_local("--train_file", str(path)))
+    texts = data.non_empty(data.texts_of(source, "text"))
     assert [t.strip() for t in texts] == ["first para\nstill first", "second para", "third"]
+
+
+def test_held_out_documents_follow_the_hold_out_rule(write_corpus, tmp_path, tokenizer, corpus_docs):
+    cfg = cfg_for(write_corpus("jsonl"), tmp_path, "--validation_split_percentage", "10", "--seed", "3")
+    chunks = data.cached_chunks(cfg, tokenizer)
+    held = sources.HoldOut(10, 3).mask(len(corpus_docs))
+    expected = grouping.tokenize_and_group(tokenizer, [d for d, h in zip(corpus_docs, held) if h], 32)
+    np.testing.assert_array_equal(np.asarray(chunks["validation"]), expected)
+    assert 7 <= held.sum() <= 8  # exactly 1 in each whole stratum of 10 rows: 7, and 0 or 1 of the last 9
 
 
 def test_chunks_hold_the_whole_corpus_with_bos_and_eos(write_corpus, tmp_path, tokenizer, corpus_docs):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import main as entry
-from tuner import data, grouping, streaming, training
+from tuner import data, grouping, sources, streaming, training
 from tuner.config import parse_args
 from tuner.errors import UsageError
 
@@ -35,18 +35,22 @@ def paragraphs(corpus_docs) -> list[str]:
     return [p for doc in corpus_docs for p in doc.split("\n\n") if p.strip()]
 
 
+def opened(path: str, streaming: bool = True) -> sources.OpenSource:
+    return sources.OpenSource(sources.Source("--train_file", path), sources.load_local("--train_file", path, streaming))
+
+
 def stream_of(path: str, tokenizer, **kwargs) -> streaming.TokenStream:
-    return streaming.TokenStream(data.load_local("--train_file", path, streaming=True), tokenizer, "text", T, **kwargs)
+    return streaming.TokenStream(opened(path), tokenizer, "text", T, **kwargs)
 
 
 def expected_chunks(path: str, tokenizer) -> np.ndarray:
     """What the non-streaming path trains on: data.py's documents, grouped by grouping.py."""
-    return grouping.tokenize_and_group(tokenizer, data.texts_of(data.load_local("--train_file", path), "text", path), T)
+    return grouping.tokenize_and_group(tokenizer, data.non_empty(data.texts_of(opened(path, streaming=False), "text")), T)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "txt"])
 def test_stream_cuts_the_chunks_grouping_cuts_then_starts_over(tokenizer, write_corpus, corpus_docs, monkeypatch, fmt):
-    monkeypatch.setattr(streaming, "TOKENIZE_CHARS", 3000)  # many tokenizer batches: tokens carry over between them
+    monkeypatch.setattr(grouping, "BATCH_CHARS", 3000)  # many tokenizer batches: tokens carry over between them
     path = write_corpus(fmt, EDGE_DOCS + corpus_docs[:20])
     expected = expected_chunks(path, tokenizer)
     got = [piece for piece, _ in islice(stream_of(path, tokenizer).passes(), len(expected) + 2)]
@@ -56,7 +60,7 @@ def test_stream_cuts_the_chunks_grouping_cuts_then_starts_over(tokenizer, write_
 
 
 def test_a_saved_position_restarts_the_stream_exactly_there(tokenizer, write_corpus, paragraphs, monkeypatch):
-    monkeypatch.setattr(streaming, "TOKENIZE_CHARS", 2000)
+    monkeypatch.setattr(grouping, "BATCH_CHARS", 2000)
     path = write_corpus("jsonl", paragraphs[:300])
     stream = stream_of(path, tokenizer, max_chunks=40)  # --max_train_samples 40: each pass is 40 chunks
     run = list(islice(stream.passes(), 90))
@@ -71,12 +75,6 @@ def test_a_saved_position_restarts_the_stream_exactly_there(tokenizer, write_cor
         np.testing.assert_array_equal(np.stack(again), pieces[chunk : chunk + 3], err_msg=f"chunk {chunk}")
 
 
-def test_held_out_rows_are_the_given_percentage_spread_evenly():
-    assert [r for r in range(100) if not streaming.is_training_row(r, 5)] == [19, 39, 59, 79, 99]
-    assert sum(not streaming.is_training_row(r, 30) for r in range(1000)) == 300
-    assert all(streaming.is_training_row(r, 0) for r in range(100))
-
-
 def cfg_for(path: str, *extra: str):
     return parse_args(["--train_file", path, "--max_seq_length", str(T), "--streaming", "--max_steps", "1", *extra])
 
@@ -85,9 +83,10 @@ def test_held_out_documents_are_evaluated_and_not_trained_on(tokenizer, write_co
     docs = paragraphs[:400]
     path = write_corpus("jsonl", docs)
     cfg = cfg_for(path, "--validation_split_percentage", "10", "--max_eval_samples", "5")
-    sets = streaming.build_streaming_datasets(cfg, tokenizer)
-    train_docs = [d for row, d in enumerate(docs) if streaming.is_training_row(row, 10)]
-    held_docs = [d for row, d in enumerate(docs) if not streaming.is_training_row(row, 10)]
+    sets = data.build_datasets(cfg, tokenizer)
+    hold_out = sources.HoldOut(10, cfg.seed)
+    train_docs = [d for row, d in enumerate(docs) if hold_out.training(row)]
+    held_docs = [d for row, d in enumerate(docs) if hold_out.held_out(row)]
     assert len(held_docs) == 40
     train = grouping.tokenize_and_group(tokenizer, train_docs, T)
     got = [piece for piece, _ in islice(sets.train.passes(), len(train))]
@@ -95,11 +94,21 @@ def test_held_out_documents_are_evaluated_and_not_trained_on(tokenizer, write_co
     np.testing.assert_array_equal(sets.eval.chunks, grouping.tokenize_and_group(tokenizer, held_docs, T)[:5])
 
 
+def test_streamed_and_in_memory_runs_evaluate_on_the_same_chunks(tokenizer, write_corpus, paragraphs, tmp_path):
+    """One hold-out rule: the in-memory run's held-out documents are the stream's, in the same order."""
+    path = write_corpus("jsonl", ["", "  "] + paragraphs[:300])  # empty rows count as rows in both
+    flags = ["--validation_split_percentage", "5", "--max_eval_samples", "6", "--seed", "7"]
+    streamed = data.build_datasets(cfg_for(path, *flags), tokenizer)
+    in_memory = data.build_datasets(cfg_for(path, *flags, "--streaming", "false", "--cache_dir", str(tmp_path)), tokenizer)
+    np.testing.assert_array_equal(streamed.eval.chunks, np.asarray(in_memory.eval.chunks))
+    np.testing.assert_array_equal(np.stack([p for p, _ in islice(streamed.train.passes(), 20)]), in_memory.train.chunks[:20])
+
+
 def test_bad_column_and_too_little_text_fail_before_the_model_loads(tokenizer, write_corpus):
     with pytest.raises(UsageError, match="--text_column body: the stream has no such column; it has: text"):
-        streaming.build_streaming_datasets(cfg_for(write_corpus("jsonl"), "--text_column", "body"), tokenizer)
+        data.build_datasets(cfg_for(write_corpus("jsonl"), "--text_column", "body"), tokenizer)
     with pytest.raises(UsageError, match="--max_seq_length 64: the data has fewer tokens than one chunk"):
-        streaming.build_streaming_datasets(cfg_for(write_corpus("jsonl", ["tiny"], name="short")), tokenizer)
+        data.build_datasets(cfg_for(write_corpus("jsonl", ["tiny"], name="short"), "--validation_split_percentage", "0"), tokenizer)
 
 
 def test_resuming_a_checkpoint_without_a_stream_position_is_refused(tokenizer, write_corpus):
@@ -195,7 +204,7 @@ def test_streamed_run_resumes_from_the_stream_position_of_its_checkpoint(
     saved = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert saved["stateful_callbacks"]["StreamPosition"]["attributes"]["position"]["chunk"] == 12
 
-    monkeypatch.setattr(streaming, "TOKENIZE_CHARS", 1)  # one document per tokenizer call, to count rows read
+    monkeypatch.setattr(grouping, "BATCH_CHARS", 1)  # one document per tokenizer call, to count rows read
     seen = record_training(monkeypatch)
     resumed = run_main(tiny_args(tiny_model, train_file, val_file, out))
     np.testing.assert_array_equal(seen.batches[0].numpy(), expected[12:14], "first batch: the chunks after step 3's")

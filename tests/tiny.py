@@ -71,3 +71,58 @@ def tiny_args(model: str, train_file: str, out, *extra: str) -> list[str]:
         "--logging_steps", "1", "--learning_rate", "1e-3", "--warmup_steps", "0", "--report_to", "none",
         "--max_eval_samples", "8", "--max_new_tokens", "5", "--eval_before_training", "false", *extra,
     ]  # fmt: skip
+
+
+def qa_pairs(modules: tuple[str, ...] = ("json", "textwrap", "string", "heapq", "bisect", "fnmatch", "shlex", "base64", "random", "statistics")):
+    """(question, answer) pairs from the standard library's docstrings (scripts/stdlib_sft.py), in order."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "stdlib_sft.py"
+    spec = importlib.util.spec_from_file_location("stdlib_sft", script)
+    stdlib_sft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stdlib_sft)
+    train, _ = stdlib_sft.build(list(modules), validation_fraction=0.0)
+    return [(row["messages"][0]["content"], row["messages"][1]["content"]) for row in train]
+
+
+SFT_FORMATS = ("messages", "sharegpt", "prompt_completion", "prompt_completion_messages", "alpaca")
+
+
+def as_format(pairs, fmt: str) -> list[dict]:
+    """The same question/answer pairs as rows of one SFT format (tuner/formats.py)."""
+    def user(q):
+        return {"role": "user", "content": q}
+
+    def assistant(a):
+        return {"role": "assistant", "content": a}
+
+    make = {
+        "messages": lambda q, a: {"messages": [user(q), assistant(a)]},
+        "sharegpt": lambda q, a: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
+        "prompt_completion": lambda q, a: {"prompt": f"Q: {q}\nA:", "completion": f" {a}"},
+        "prompt_completion_messages": lambda q, a: {"prompt": [user(q)], "completion": [assistant(a)]},
+        "alpaca": lambda q, a: {"instruction": q, "input": "", "output": a},
+    }[fmt]
+    return [make(q, a) for q, a in pairs]
+
+
+def write_rows(path: Path, rows: list[dict]) -> str:
+    """Rows as .jsonl, .json, .csv (lists as JSON text in the cell, as spreadsheets hold them) or .parquet."""
+    import json
+
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    elif path.suffix == ".json":
+        path.write_text(json.dumps(rows), encoding="utf-8")
+    elif path.suffix in (".csv", ".parquet"):
+        import pandas as pd
+
+        if path.suffix == ".csv":
+            rows = [{k: json.dumps(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
+            pd.DataFrame(rows).to_csv(path, index=False)
+        else:
+            pd.DataFrame(rows).to_parquet(path)
+    else:
+        raise ValueError(path.suffix)
+    return str(path)

@@ -97,19 +97,28 @@ def template_file_problems(path: str | None) -> list[str]:
 
 def install_chat_template(tokenizer, template_file: str | None = None) -> str:
     """Set `tokenizer.chat_template` (a file wins, then the tokenizer's own, then ours) and say which one."""
+    template, which = choose_template(tokenizer, template_file)
+    if template is None:
+        raise UsageError(which)
+    tokenizer.chat_template = template
+    return which
+
+
+def choose_template(tokenizer, template_file: str | None = None) -> tuple[str | None, str]:
+    """(the template install_chat_template would set, which one it is), without setting it; (None, why not)
+    when there is none to use. The token cache keys on the text."""
     if template_file:
-        tokenizer.chat_template = read_template_file(template_file)
-        return f"--chat_template {template_file}"
-    if getattr(tokenizer, "chat_template", None):
-        return "the tokenizer's own chat template"
+        return read_template_file(template_file), f"--chat_template {template_file}"
+    own = getattr(tokenizer, "chat_template", None)
+    if own:
+        return own, "the tokenizer's own chat template"
     missing = [token for token in (TURN_START, TURN_END) if not is_single_token(tokenizer, token)]
     if missing:
-        raise UsageError(
+        return None, (
             f"The tokenizer has no chat template, and the shipped Gemma 3 one needs {' and '.join(missing)} as single "
             "tokens, which this tokenizer lacks. Give --chat_template FILE with a template for this model."
         )
-    tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
-    return SHIPPED
+    return GEMMA3_CHAT_TEMPLATE, SHIPPED
 
 
 def is_single_token(tokenizer, token: str) -> bool:

@@ -171,6 +171,8 @@ def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None) -> di
         "train_tokens": datasets.train_tokens,
         "eval_chunks": len(datasets.eval) if datasets.eval is not None else 0,
         "eval_tokens": datasets.eval_tokens,
+        "data_format": datasets.format, "packed": datasets.packed, "data_figures": datasets.figures,
+        "preview": datasets.preview,
         **params,
         **memory_estimate(cfg, model_config, params, world_size),
     }
@@ -195,8 +197,8 @@ def format_report(cfg, numbers: dict) -> str:
         ("effective batch", f"{n['effective_batch_sequences']:,} sequences = {cfg.per_device_train_batch_size} per device"
          f" x {cfg.gradient_accumulation_steps} accumulation x {n['world_size']} process(es)"),
         ("tokens per optimizer step", f"{n['effective_batch_tokens']:,} = {n['effective_batch_sequences']:,} x {cfg.max_seq_length}"),
-        ("train data", f"{n['train_tokens']:,} tokens in {count(n['train_chunks'])} chunks of {cfg.max_seq_length}"),
-        ("eval data", f"{n['eval_tokens']:,} tokens in {n['eval_chunks']:,} chunks"),
+        ("train data", f"{n['train_tokens']:,} tokens in {count(n['train_chunks'])} {rows_of(n, cfg.max_seq_length)}"),
+        ("eval data", f"{n['eval_tokens']:,} tokens in {n['eval_chunks']:,} {rows_of(n, cfg.max_seq_length)}"),
         ("steps per epoch", count(n["steps_per_epoch"])),
         ("total steps", f"{count(n['total_steps'])} ({epochs})"),
         ("parameters", f"{n['parameters']:,} (embedding {n['embedding_parameters']:,}"
@@ -217,7 +219,7 @@ def format_report(cfg, numbers: dict) -> str:
     if "ddp_buckets" in m:
         memory.append(("DDP gradient buckets", m["ddp_buckets"], "one more gradient copy"))
     memory.append(("total", m["total"], ""))
-    lines = ["Derived numbers:"] + [f"  {name:<28}{value}" for name, value in facts]
+    lines = ["Derived numbers:"] + [f"  {name:<28}{value}" for name, value in facts] + sft_lines(n)
     lines.append("Peak memory per device: an ESTIMATE, not a measurement (add ~1 GiB for CUDA context and allocator):")
     lines += [f"  {name:<28}{size(b):>10}  {note}".rstrip() for name, b, note in memory]
     lines.append(
@@ -225,6 +227,39 @@ def format_report(cfg, numbers: dict) -> str:
         f"{n['micro_batch_tokens']:,} tokens x {n['vocab_size']:,} vocab, fp32 x 3"
     )
     return "\n".join(lines)
+
+
+def rows_of(numbers: dict, seq_len: int) -> str:
+    """What a training row is: a fixed-length chunk, a packed row, or one example."""
+    if numbers.get("data_format", "text") == "text":
+        return f"chunks of {seq_len}"
+    return f"packed rows of <= {seq_len}" if numbers["packed"] else "examples, one a row (padded per batch)"
+
+
+def sft_lines(numbers: dict) -> list[str]:
+    """Chat/instruction data: what tokenising kept, dropped and cut, how full the rows are, and the first
+    examples with their trained tokens between [[ and ]]."""
+    f = numbers.get("data_figures") or {}
+    if numbers.get("data_format", "text") == "text" or not f:
+        return []
+    lines = [f"Data ({numbers['data_format']}):"]
+    for split in ("train", "validation"):
+        if f"{split}_examples_used" not in f:
+            continue
+        read = (
+            f"{f[f'{split}_rows_read']:,} rows -> {f[f'{split}_examples']:,} examples; dropped {f[f'{split}_dropped_too_long']:,} "
+            f"too long, {f[f'{split}_dropped_untrained']:,} with no trained token; {f[f'{split}_truncated']:,} truncated; "
+        ) if f"{split}_rows_read" in f else "streamed: "  # fmt: skip
+        used, tokens = f[f"{split}_examples_used"], f[f"{split}_tokens_used"]
+        fill = f", fill {f[f'{split}_fill_ratio']:.1%}" if f"{split}_fill_ratio" in f else ""
+        lines.append(
+            f"  {split:<28}{read}using {used:,} examples in {f[f'{split}_rows_used']:,} rows{fill}, "
+            f"{f[f'{split}_trained_tokens_used'] / max(tokens, 1):.1%} of {tokens:,} tokens trained"
+        )
+    if numbers.get("preview"):
+        lines.append("First training examples, trained tokens between [[ and ]]:")
+        lines += [f"  --- example {i}\n{text}" for i, text in enumerate(numbers["preview"])]
+    return lines
 
 
 def dry_run_report(cfg, model_config, datasets, world_size: int) -> str:

@@ -15,13 +15,16 @@ even when TOKENIZERS_PARALLELISM=false turns the tokenizer's own thread pool off
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
 from .progress import progress
 
 TOKEN_DTYPE = np.int32
+T = TypeVar("T")
 # Characters per encoding task: big enough that per-call overhead vanishes, small enough that the
 # threads stay evenly loaded until the end and one task's Encoding objects stay a few hundred MB.
 BATCH_CHARS = 1_000_000
@@ -54,16 +57,25 @@ def chunk(stream: np.ndarray, seq_len: int) -> np.ndarray:
     return stream[: n_chunks * seq_len].reshape(n_chunks, seq_len)
 
 
-def text_batches(texts: list[str], max_chars: int):
-    """Consecutive runs of texts of about `max_chars` characters; a longer text is a batch alone."""
-    start, chars = 0, 0
-    for i, text in enumerate(texts):
-        chars += len(text)
+def by_size(items: Iterable[T], max_chars: int, size: Callable[[T], int] = len) -> Iterator[list[T]]:
+    """Consecutive runs of items of about `max_chars` characters (`size(item)` each), in order; a run ends
+    with the item that reaches `max_chars`, so a longer item ends its run. The one batching of documents
+    (or SFT examples) for the tokenizer, in memory and streamed: a list or a stream, read lazily."""
+    batch: list[T] = []
+    chars = 0
+    for item in items:
+        batch.append(item)
+        chars += size(item)
         if chars >= max_chars:
-            yield texts[start : i + 1]
-            start, chars = i + 1, 0
-    if start < len(texts):
-        yield texts[start:]
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def text_batches(texts: list[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of texts of about `max_chars` characters; a longer text is a batch alone."""
+    return by_size(texts, max_chars)
 
 
 def available_cores() -> int:

@@ -72,6 +72,18 @@ def load_tokenizer(cfg, path: str):
     return tokenizer
 
 
+def set_stop_tokens(model, tokenizer) -> None:
+    """generate() stops at the end of an assistant turn (`<end_of_turn>` for Gemma) as well as at EOS: the
+    model was trained to close each answer with it, and generation_config.json carries both ids."""
+    from .chat_template import stop_token_ids
+
+    ids = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("Generation stops at %s", ", ".join(tokenizer.convert_ids_to_tokens(ids)))
+
+
 def attention_and_dtype(cfg):
     """(attn_implementation, dtype) for from_pretrained. Flash attention runs only in half precision."""
     import torch

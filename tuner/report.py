@@ -24,23 +24,30 @@ def with_perplexity(metrics: dict) -> dict:
     return {**metrics, "perplexity": perplexity(metrics["eval_loss"])} if "eval_loss" in metrics else metrics
 
 
-def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Greedy continuations of each prompt by the fine-tuned model."""
+def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, chat: bool = False) -> list[dict]:
+    """Greedy continuations of each prompt by the fine-tuned model. With `chat` (an SFT run) and a chat
+    template, each prompt is a user turn and the answer ends at the end of the turn (generation_config)."""
     import torch
 
     if max_new_tokens <= 0 or not prompts:
         return []
     model.eval()
     samples = []
+    chat = chat and bool(getattr(tokenizer, "chat_template", None))
     for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        if chat:
+            turn = [{"role": "user", "content": prompt}]
+            inputs = tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        else:
+            inputs = tokenizer(prompt, return_tensors="pt")
+        inputs = inputs.to(model.device)
         with torch.no_grad():
             output = model.generate(
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3,
                 pad_token_id=tokenizer.pad_token_id,
             )  # fmt: skip
         text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        samples.append({"prompt": prompt, "completion": text})
+        samples.append({"prompt": prompt, "completion": text, **({"chat": True} if chat else {})})
     return samples
 
 
@@ -50,7 +57,8 @@ def save_json(path: Path, payload) -> None:
 
 def print_samples(samples: list[dict]) -> None:
     for sample in samples:
-        print(f"\n>>> {sample['prompt']}{sample['completion']}")
+        gap = "\n" if sample.get("chat") else ""  # a chat answer is a reply, not a continuation
+        print(f"\n>>> {sample['prompt']}{gap}{sample['completion']}")
 
 
 # ---------------------------------------------------------------- end of a run
@@ -114,6 +122,7 @@ def run_summary(cfg, trainer, results: dict) -> dict:
         "tokens_seen_this_run": this_run,
         "tokens_per_second": this_run / runtime if runtime else None,
         "train_loss": train.get("train_loss"),
+        **getattr(trainer, "data_figures", {}),  # SFT: examples kept, dropped and truncated, packing fill
     }
     for key, name in (("before_training", "before_training"), ("eval", "final")):
         if key in results:

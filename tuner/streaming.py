@@ -1,22 +1,24 @@
-"""--streaming: read hub or local text as a stream, tokenizing and chunking it on the fly.
+"""--streaming: read hub or local data as a stream, tokenizing (and chunking or packing) on the fly.
 
-Training data is a `TokenStream`, a torch IterableDataset of (T,) chunks cut with grouping.py's
-policy: each document becomes [BOS] ids [EOS], documents are concatenated in order, and the
-running stream is cut into chunks of exactly --max_seq_length tokens; the tokens left over from
-one tokenizer batch carry into the next. When the source ends the stream starts it again (the
-next pass), dropping only that pass's final remainder, so it never runs dry: Trainer stops at
---max_steps. Documents are read in the source's order; nothing is shuffled.
+Training data is a `ResumableStream`, a torch IterableDataset: running text becomes a `TokenStream`
+of (T,) chunks cut with grouping.py's policy (each document [BOS] ids [EOS], documents concatenated in
+order, the running stream cut into chunks of exactly --max_seq_length tokens; the tokens left over
+from one tokenizer batch carry into the next); chat and instruction data becomes an `ExampleStream`
+of packed (or padded) rows (sft_stream.py). When the source ends the stream starts it again (the next
+pass), dropping only that pass's final remainder, so it never runs dry: Trainer stops at --max_steps.
+Rows are read in the source's order; rows held out for evaluation (sources.HoldOut, the same rule as
+in memory) are skipped.
 
 Resume. For a dataset without a length, Trainer resumes by reading and throwing away the first
 global_step x gradient_accumulation_steps batches (accelerate's skip_first_batches), which for a
 stream means reading and tokenizing everything again. Instead `StreamPosition` writes, into each
-checkpoint's trainer_state.json, where the first chunk that no optimizer step has used starts: the
-source's datasets `state_dict()` just before that chunk's document, and how many of the document's
-tokens earlier chunks hold. A resumed stream loads that state and starts there; the run sets
-`ignore_data_skip=True` so that Trainer does not skip batches as well. Chunks the dataloader has
-prefetched but no step has used are not counted: the stream remembers where each chunk it yielded
-starts, and the callback looks up chunk number steps x gradient_accumulation_steps x
-per_device_train_batch_size x world_size.
+checkpoint's trainer_state.json, where the first item (chunk or row) that no optimizer step has used
+starts: a `Position`, holding the source's datasets `state_dict()` just before a row and how far into
+that row (text) or into the rows packed from it (SFT) earlier items reach. A resumed stream loads that
+state and starts there; the run sets `ignore_data_skip=True` so that Trainer does not skip batches as
+well. Items the dataloader has prefetched but no step has used are not counted: the stream remembers
+where each item it yielded starts, and the callback looks up item number steps x
+gradient_accumulation_steps x per_device_train_batch_size x world_size.
 
 Several processes: accelerate wraps an IterableDataset in a DataLoaderDispatcher, so only process 0
 reads the stream; it sends every process its slice of each batch. (With dispatch_batches=False each
@@ -25,7 +27,7 @@ of process 0, which is also the process that writes trainer_state.json.
 
 Evaluation uses a fixed set held in memory: the first --max_eval_samples chunks (DEFAULT_EVAL_CHUNKS
 without it) of --validation_file, else of the hub dataset's validation split, else of the documents
-held out of the training stream (--validation_split_percentage % of them, spread evenly).
+held out of the training stream: the same documents, so the same chunks, as an in-memory run's.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from itertools import islice
 
 import numpy as np
@@ -42,47 +43,107 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from . import grouping
-from .data import ChunkDataset, Datasets, load_hub, load_local, root_cause
+from . import grouping, sources
 from .errors import UsageError
+from .sources import OpenSource, Opened
+from .torch_data import ChunkDataset, Datasets
 
 logger = logging.getLogger(__name__)
 
-# Characters of text per tokenizer call: enough that per-call overhead vanishes, few enough that the
-# first chunk comes quickly and the read-ahead stays small (a few MB of tokens).
-TOKENIZE_CHARS = 1 << 20
-DEFAULT_EVAL_CHUNKS = 200  # evaluation chunks when --max_eval_samples is not given
+DEFAULT_EVAL_CHUNKS = 200  # evaluation chunks (or SFT examples) when --max_eval_samples is not given
 
 
 @dataclass
 class Position:
-    """Where a chunk starts: enough to restart the stream there without reading what came before."""
+    """Where an item (a chunk, or a packed row) starts: enough to restart the stream there without reading
+    what came before."""
 
-    chunk: int  # chunks before this one in the whole run
+    chunk: int  # items before this one in the whole run
     epoch: int  # complete passes over the source before this one
-    epoch_chunk: int  # chunks before this one in this pass (for --max_train_samples)
-    document: int  # row of the source that holds the chunk's first token
-    offset: int  # tokens of that row's [BOS] ids [EOS] that earlier chunks hold
+    epoch_chunk: int  # text: chunks before this one in this pass; SFT: examples before its buffer (--max_train_samples)
+    document: int  # text: row that holds the chunk's first token; SFT: first row of the buffer the row is packed from
+    offset: int  # text: tokens of that row's [BOS] ids [EOS] that earlier chunks hold; SFT: rows of the buffer before it
     source: dict  # the source's state_dict() just before that row
 
 
-# ---------------------------------------------------------------- documents -> chunks
+# ---------------------------------------------------------------- one resumable stream
 
 
-def is_training_row(row: int, held_out_percent: int) -> bool:
-    """False for `held_out_percent` % of rows, spread evenly: rows 19, 39, 59, ... for 5 %."""
-    return (row + 1) * held_out_percent // 100 == row * held_out_percent // 100
+class ResumableStream(torch.utils.data.IterableDataset):
+    """Items from `one_pass(start)`, pass after pass, remembering where each starts (see the module docstring).
+
+    Subclasses give `one_pass(start) -> (item, Position after it)` and `as_tensors(item)`."""
+
+    empty_problem = "the data has fewer tokens than one chunk"
+
+    def __init__(self, source: OpenSource, name: str):
+        self.source, self.name = source, name
+        self.first = Position(chunk=0, epoch=0, epoch_chunk=0, document=0, offset=0, source=source.beginning)
+        self.start = self.first
+        # Where each item yielded but perhaps not yet trained on starts (the dataloader prefetches).
+        self.starts: dict[int, Position] = {}
+
+    def one_pass(self, start: Position) -> Iterator[tuple[object, Position]]:
+        raise NotImplementedError
+
+    def as_tensors(self, item) -> dict:
+        raise NotImplementedError
+
+    def resume(self, position: Position) -> None:
+        self.start = position
+
+    def position(self, chunk: int) -> Position:
+        """Where item number `chunk` of the run starts (it must be one of the last ones yielded)."""
+        if chunk not in self.starts:
+            known = f"{min(self.starts)}..{max(self.starts)}" if self.starts else "none"
+            raise RuntimeError(f"The stream does not know where item {chunk} starts (it knows {known}).")
+        return self.starts[chunk]
+
+    def forget_before(self, chunk: int) -> None:
+        for old in [c for c in self.starts if c < chunk]:
+            del self.starts[old]
+
+    def passes(self) -> Iterator[tuple[object, Position]]:
+        """(item, where the next starts) from `self.start` on, pass after pass over the source."""
+        start = self.start
+        while True:
+            after = None
+            for item, after in self.one_pass(start):
+                yield item, after
+            if after is None and start.document == 0 and start.offset == 0 and start.epoch_chunk == 0:
+                raise UsageError(f"--max_seq_length {self.max_seq_length}: {self.empty_problem}. {self.empty_fix}")
+            chunk = after.chunk if after is not None else start.chunk
+            start = replace(self.first, chunk=chunk, epoch=start.epoch + 1)
+
+    empty_fix = "Lower --max_seq_length, or give more text."
+
+    def __iter__(self) -> Iterator[dict]:
+        self.starts = {self.start.chunk: self.start}
+        for item, after in self.passes():
+            self.starts[after.chunk] = after
+            yield self.as_tensors(item)
+
+    def check(self) -> None:
+        """Read the first item now, so a bad file, column or row fails before the model loads."""
+        first = self.passes()
+        try:
+            next(first)
+        except UsageError as error:
+            raise UsageError([f"{problem} ({self.name})" for problem in error.problems]) from None
+        except Exception as exc:  # datasets wraps parser errors in several exception types
+            raise UsageError(
+                f"{self.name}: could not be read as a stream ({sources.root_cause(exc)}). Fix the data, or check its format."
+            ) from None
+        finally:
+            first.close()
 
 
-def is_held_out_row(row: int, held_out_percent: int) -> bool:
-    return not is_training_row(row, held_out_percent)
+# ---------------------------------------------------------------- running text -> chunks
 
 
 def documents(source, column: str, start: Position, keep: Callable[[int], bool]) -> Iterator[tuple[Position, str]]:
     """(position of its first token, text) of each kept, non-empty row of one pass, from `start` on."""
-    source.load_state_dict(start.source)
-    state, row = start.source, start.document
-    for example in source:
+    for row, state, example in sources.stream_records(source, start.source, start.document):
         if column not in example:
             raise UsageError(
                 f"--text_column {column}: the stream has no such column; it has: {', '.join(example)}. "
@@ -94,20 +155,6 @@ def documents(source, column: str, start: Position, keep: Callable[[int], bool])
             raise UsageError(f"--text_column {column}: this column holds {kind}, not text. Choose a column of strings.")
         if text and text.strip() and keep(row):
             yield replace(start, document=row, offset=0, source=state), text
-        row += 1
-        state = source.state_dict()
-
-
-def batched_by_size(docs: Iterable[tuple[Position, str]], max_chars: int) -> Iterator[list[tuple[Position, str]]]:
-    batch, size = [], 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc[1])
-        if size >= max_chars:
-            yield batch
-            batch, size = [], 0
-    if batch:
-        yield batch
 
 
 def chunks(tokenizer, docs: Iterable[tuple[Position, str]], seq_len: int, start: Position):
@@ -120,7 +167,7 @@ def chunks(tokenizer, docs: Iterable[tuple[Position, str]], seq_len: int, start:
     base, appended = start.offset, 0
     marks: deque[tuple[int, Position]] = deque()  # (token index where a document starts, its position)
     chunk, epoch_chunk = start.chunk, start.epoch_chunk
-    for batch in batched_by_size(docs, TOKENIZE_CHARS):
+    for batch in grouping.by_size(docs, grouping.BATCH_CHARS, size=lambda doc: len(doc[1])):
         ids = grouping.document_ids(tokenizer, [text for _, text in batch])
         flat = grouping.join_documents(ids, bos, eos)
         for (position, _), doc in zip(batch, ids):
@@ -137,89 +184,38 @@ def chunks(tokenizer, docs: Iterable[tuple[Position, str]], seq_len: int, start:
             yield piece, replace(position, chunk=chunk, epoch_chunk=epoch_chunk, offset=base - at)
 
 
-# ---------------------------------------------------------------- the training stream
-
-
-class TokenStream(torch.utils.data.IterableDataset):
+class TokenStream(ResumableStream):
     """Endless {'input_ids', 'labels'} chunks of shape (T,) from a datasets streaming source."""
 
-    def __init__(self, source, tokenizer, column: str, seq_len: int, keep=None, max_chunks=None, beginning=None):
-        """keep(row) -> bool picks the rows to read; max_chunks ends each pass early
-        (--max_train_samples); beginning is the source's state_dict() before its first row, by default
-        its state now (so a source that has been iterated needs it)."""
-        self.source, self.tokenizer, self.column, self.seq_len = source, tokenizer, column, seq_len
-        self.keep = keep or partial(is_training_row, held_out_percent=0)
-        self.max_chunks = max_chunks  # per pass: --max_train_samples
-        beginning = source.state_dict() if beginning is None else beginning
-        self.first = Position(chunk=0, epoch=0, epoch_chunk=0, document=0, offset=0, source=beginning)
-        self.start = self.first
-        # Where each chunk yielded but perhaps not yet trained on starts (the dataloader prefetches).
-        self.starts: dict[int, Position] = {}
-
-    def resume(self, position: Position) -> None:
-        self.start = position
-
-    def position(self, chunk: int) -> Position:
-        """Where chunk number `chunk` of the run starts (it must be one of the last ones yielded)."""
-        if chunk not in self.starts:
-            known = f"{min(self.starts)}..{max(self.starts)}" if self.starts else "none"
-            raise RuntimeError(f"The stream does not know where chunk {chunk} starts (it knows {known}).")
-        return self.starts[chunk]
-
-    def forget_before(self, chunk: int) -> None:
-        for old in [c for c in self.starts if c < chunk]:
-            del self.starts[old]
+    def __init__(self, source: OpenSource, tokenizer, column: str, seq_len: int, keep=None, max_chunks=None, name=None):
+        """keep(row) -> bool picks the rows to read (default: all); max_chunks ends each pass early
+        (--max_train_samples)."""
+        super().__init__(source, name or source.source.name)
+        self.tokenizer, self.column, self.max_seq_length = tokenizer, column, seq_len
+        self.keep = keep or sources.everything
+        self.max_chunks = max_chunks
 
     def one_pass(self, start: Position) -> Iterator[tuple[np.ndarray, Position]]:
-        docs = documents(self.source, self.column, start, self.keep)
-        for piece, after in chunks(self.tokenizer, docs, self.seq_len, start):
+        docs = documents(self.source.rows, self.column, start, self.keep)
+        for piece, after in chunks(self.tokenizer, docs, self.max_seq_length, start):
             if self.max_chunks is not None and after.epoch_chunk > self.max_chunks:
                 return
             yield piece, after
 
-    def passes(self) -> Iterator[tuple[np.ndarray, Position]]:
-        """(chunk, where the next starts) from `self.start` on, pass after pass over the source."""
-        start = self.start
-        while True:
-            after = None
-            for piece, after in self.one_pass(start):
-                yield piece, after
-            if after is None and start.document == 0 and start.offset == 0:
-                raise UsageError(
-                    f"--max_seq_length {self.seq_len}: the data has fewer tokens than one chunk. "
-                    "Lower --max_seq_length, or give more text."
-                )
-            chunk = after.chunk if after is not None else start.chunk
-            start = replace(self.first, chunk=chunk, epoch=start.epoch + 1)
+    def as_tensors(self, piece: np.ndarray) -> dict[str, torch.Tensor]:
+        ids = torch.from_numpy(piece.astype(np.int64))
+        return {"input_ids": ids, "labels": ids.clone()}
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self.starts = {self.start.chunk: self.start}
-        for piece, after in self.passes():
-            self.starts[after.chunk] = after
-            ids = torch.from_numpy(piece.astype(np.int64))
-            yield {"input_ids": ids, "labels": ids.clone()}
 
-    def check(self, name: str) -> None:
-        """Read the first chunk now, so a bad file or column fails before the model loads."""
-        first = self.passes()
-        try:
-            next(first)
-        except UsageError as error:
-            raise UsageError([f"{problem} ({name})" for problem in error.problems]) from None
-        except Exception as exc:  # datasets wraps parser errors in several exception types
-            raise UsageError(
-                f"{name}: could not be read as a stream ({root_cause(exc)}). Fix the data, or check its format."
-            ) from None
-        finally:
-            first.close()
+# ---------------------------------------------------------------- resume
 
 
 class StreamPosition(TrainerCallback, ExportableState):
-    """Saves where the TokenStream stands in each checkpoint; a resumed run's stream starts there."""
+    """Saves where the stream stands in each checkpoint; a resumed run's stream starts there."""
 
     def __init__(self):
-        self.stream: TokenStream | None = None
-        self.consumed = 0  # chunks used by optimizer steps, in the whole run
+        self.stream: ResumableStream | None = None
+        self.consumed = 0  # items used by optimizer steps, in the whole run
         self.start_step = self.start_chunk = self.chunks_per_step = 0
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
@@ -237,12 +233,12 @@ class StreamPosition(TrainerCallback, ExportableState):
                 )
             self.stream.resume(Position(**saved))
             logger.info(
-                "Resuming the stream at chunk %d (pass %d, row %d, token %d of that row), not from its start",
+                "Resuming the stream at item %d (pass %d, row %d, offset %d there), not from its start",
                 saved["chunk"], saved["epoch"], saved["document"], saved["offset"],
             )  # fmt: skip
         self.start_step, self.start_chunk = state.global_step, self.stream.start.chunk
         self.consumed = self.start_chunk
-        # Dispatched or sharded, each optimizer step takes this many chunks from the one stream.
+        # Dispatched or sharded, each optimizer step takes this many items from the one stream.
         self.chunks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -254,65 +250,54 @@ class StreamPosition(TrainerCallback, ExportableState):
         return {"args": {}, "attributes": {"position": position}}
 
 
-def find_stream(dataloader) -> TokenStream:
-    """The TokenStream under accelerate's wrappers (DataLoaderDispatcher, IterableDatasetShard)."""
+def find_stream(dataloader) -> ResumableStream:
+    """The stream under accelerate's wrappers (DataLoaderDispatcher, IterableDatasetShard)."""
     node = dataloader
     for _ in range(4):
         node = getattr(node, "dataset", None)
-        if isinstance(node, TokenStream):
+        if isinstance(node, ResumableStream):
             return node
-    raise RuntimeError("StreamPosition needs a TokenStream as the training dataset (see tuner/streaming.py).")
+    raise RuntimeError("StreamPosition needs a ResumableStream as the training dataset (see tuner/streaming.py).")
 
 
-# ---------------------------------------------------------------- sources and datasets
+# ---------------------------------------------------------------- datasets
 
 
-def open_sources(cfg) -> tuple:
-    """(train source, its name, validation source or None, its name); names are for messages."""
-    if cfg.train_file:
-        train, validation = load_local("--train_file", cfg.train_file, streaming=True), None
-        train_name = f"--train_file {cfg.train_file}"
-    else:
-        splits = load_hub(cfg, streaming=True)
-        train, train_name, validation = splits["train"], f"--dataset_name {cfg.dataset_name}", splits["validation"]
-    validation_name = f"the validation split of {train_name}"
-    if cfg.validation_file:  # given, it wins over a hub validation split
-        validation = load_local("--validation_file", cfg.validation_file, streaming=True)
-        validation_name = f"--validation_file {cfg.validation_file}"
-    return train, train_name, validation, validation_name
-
-
-def eval_chunks(stream: TokenStream, limit: int | None, name: str) -> np.ndarray:
+def eval_chunks(stream: TokenStream, limit: int | None) -> np.ndarray:
     """The first `limit` chunks (DEFAULT_EVAL_CHUNKS if None) of one pass: (N, T) int32."""
     wanted = limit or DEFAULT_EVAL_CHUNKS
-    stream.check(name)
+    stream.check()
     pieces = [piece for piece, _ in islice(stream.one_pass(stream.first), wanted + 1)]
     if len(pieces) > wanted and limit is None:
-        logger.warning("Evaluating on the first %d chunks of %s only; --max_eval_samples sets how many", wanted, name)
+        logger.warning("Evaluating on the first %d chunks of %s only; --max_eval_samples sets how many", wanted, stream.name)
     return np.stack(pieces[:wanted])
 
 
-def build_streaming_datasets(cfg, tokenizer) -> Datasets:
+def eval_source(opened: Opened) -> tuple[OpenSource, Callable[[int], bool], str] | None:
+    """(source, keep-rule, name) of the evaluation rows: the validation source, else the held-out rows."""
+    if opened.validation is not None:
+        return opened.validation, sources.everything, opened.validation.source.name
+    if opened.held_out_percent:
+        name = f"the {opened.held_out_percent} % of {opened.train[0].source.name} held out"
+        return opened.train[0], opened.hold_out.held_out, name
+    return None
+
+
+def build_text_stream(cfg, tokenizer, opened: Opened) -> Datasets:
     """A TokenStream to train on and a fixed evaluation set; reads only the first chunks now."""
-    train_source, train_name, val_source, val_name = open_sources(cfg)
-    held_out = cfg.validation_split_percentage if val_source is None else 0
+    train_source = opened.train[0]
     train = TokenStream(
-        train_source, tokenizer, cfg.text_column, cfg.max_seq_length,
-        keep=partial(is_training_row, held_out_percent=held_out), max_chunks=cfg.max_train_samples,
+        train_source, tokenizer, cfg.text_column, cfg.max_seq_length, keep=opened.hold_out.training,
+        max_chunks=cfg.max_train_samples,
     )  # fmt: skip
-    train.check(train_name)
+    train.check()
     val = None
-    if val_source is not None:
-        stream = TokenStream(val_source, tokenizer, cfg.text_column, cfg.max_seq_length)
-        val = eval_chunks(stream, cfg.max_eval_samples, val_name)
-    elif held_out:
-        keep = partial(is_held_out_row, held_out_percent=held_out)
-        stream = TokenStream(
-            train_source, tokenizer, cfg.text_column, cfg.max_seq_length, keep, beginning=train.first.source
-        )  # the training stream has read its first chunk: its source's state now is no longer its beginning
-        val = eval_chunks(stream, cfg.max_eval_samples, f"the {held_out} % of {train_name} held out")
+    found = eval_source(opened)
+    if found is not None:
+        source, keep, name = found
+        val = eval_chunks(TokenStream(source, tokenizer, cfg.text_column, cfg.max_seq_length, keep, name=name), cfg.max_eval_samples)
     logger.info(
-        "Streaming %s in %d-token chunks; evaluating on %s", train_name, cfg.max_seq_length,
+        "Streaming %s in %d-token chunks; evaluating on %s", train.name, cfg.max_seq_length,
         f"{len(val)} chunks" if val is not None else "nothing",
     )  # fmt: skip
     return Datasets(

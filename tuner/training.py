@@ -8,10 +8,13 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from transformers import Trainer, default_data_collator
 
 from .errors import UsageError
 from .guards import NonFiniteGuard
+from .loss import IGNORE_INDEX
+from .packing import check_packed_batch
 from .preemption import SaveOnSignal
 from .streaming import StreamPosition
 
@@ -62,6 +65,8 @@ class LeanLossTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .loss import compute_causal_lm_loss
 
+        # A packed batch with an attention mask or a KV cache would let its examples attend to each other.
+        check_packed_batch(inputs, getattr(unwrap_model(model).config, "use_cache", None))
         if not self.lean_loss:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         # Label smoothing shapes training only: the evaluation loss stays the plain per-token NLL, so
@@ -73,6 +78,54 @@ class LeanLossTrainer(Trainer):
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
         return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------ evaluation per token
+    # Trainer's evaluation_loop averages one loss per batch (each repeated eval_batch_size times), so the
+    # evaluation loss depends on how tokens fall into batches: packed and padded runs would disagree, and
+    # a short last batch would count as a full one. Here every batch adds (loss sum, trained tokens) to
+    # eval_sums; the loop's loss is replaced by their ratio over the whole set and every process.
+
+    eval_sums: torch.Tensor | None = None  # (2,) float64 while evaluating: summed loss, trained tokens
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            loss_sum, tokens = self.accelerator.reduce(self.eval_sums, reduction="sum").tolist()
+        finally:
+            self.eval_sums = None
+        if tokens:
+            output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if self.eval_sums is None or not prediction_loss_only or inputs.get("labels") is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"].clone()
+        labels[self.real_rows(len(labels)) :] = IGNORE_INDEX  # accelerate's duplicates count for nothing
+        inputs = {**inputs, "labels": labels}
+        tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the targets after the causal shift
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs).detach()  # the mean over this batch's trained tokens
+        if tokens:
+            self.eval_sums += torch.stack([loss.double() * tokens, torch.tensor(tokens, dtype=torch.float64)]).to(self.eval_sums.device)
+        return loss, None, None
+
+    def real_rows(self, rows: int) -> int:
+        """Rows of this process's batch that are real: at the end of a set whose length does not divide
+        into processes x batch size, accelerate fills every process's last batch with rows from the start,
+        and gather_for_metrics keeps the first `remainder` rows of the gathered (process-major) batch."""
+        state = self.accelerator.gradient_state
+        if not state.end_of_dataloader or state.remainder <= 0:
+            return rows
+        return max(0, min(rows, state.remainder - self.accelerator.process_index * rows))
+
+
+def unwrap_model(model):
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -108,17 +161,30 @@ def resume_point(cfg) -> str | None:
 
 
 def build_trainer(cfg, model, tokenizer, datasets) -> Trainer:
+    fit_model_to_data(model, tokenizer, datasets)
     trainer = LeanLossTrainer(
         model=model,
         args=cfg,
         train_dataset=datasets.train,
         eval_dataset=datasets.eval,
         processing_class=tokenizer,
-        data_collator=default_data_collator,
+        data_collator=datasets.collator or default_data_collator,  # SFT: packed rows, or padding per batch
         callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
     )
+    trainer.data_figures = datasets.figures  # for run_summary.json
     keep_logs_in_output_dir(trainer)
     return trainer
+
+
+def fit_model_to_data(model, tokenizer, datasets) -> None:
+    """Packed rows: no KV cache (it turns the per-example attention off; packing.py). Chat data: generation
+    stops at the end of a turn too, saved in generation_config.json."""
+    from .models import set_stop_tokens
+
+    if datasets.packed:
+        unwrap_model(model).config.use_cache = False
+    if datasets.chat:
+        set_stop_tokens(model, tokenizer)
 
 
 def keep_logs_in_output_dir(trainer) -> None:

@@ -103,7 +103,7 @@ def feature_problems(cfg) -> list[str]:
     for name, package in (("wandb", "wandb"), ("tensorboard", "tensorboard"), ("trackio", "trackio")):
         if name in reporters(cfg) and not _installed(package):
             problems.append(f"--report_to {name}: the {package} package is not installed. pip install {package}, or --report_to none.")
-    if cfg.streaming and cfg.max_steps <= 0:
+    if cfg.streaming and cfg.max_steps <= 0 and not cfg.eval_only:
         problems.append("--streaming: a stream has no known length, so --max_steps is required. Pass e.g. --max_steps 1000.")
     return problems
 
@@ -185,10 +185,21 @@ def lora_problems(cfg) -> list[str]:
                                 cfg.lora_target_modules, cfg.lora_trainable_tokens)  # fmt: skip
 
 
+def data_problems(cfg) -> list[str]:
+    """SFT options that can be checked before anything loads."""
+    from .chat_template import template_file_problems
+
+    problems = template_file_problems(cfg.chat_template)
+    if cfg.eval_only and cfg.validation_split_percentage == 0 and not cfg.validation_file and not cfg.dataset_name:
+        problems.append("--eval_only with --validation_split_percentage 0 and no --validation_file: there is nothing to "
+                        "evaluate on. Pass --validation_file, or hold out some training rows.")  # fmt: skip
+    return problems
+
+
 def validate(cfg) -> None:
     problems = (
         number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + trainer_problems(cfg) + path_problems(cfg)
-        + lora_problems(cfg)
+        + lora_problems(cfg) + data_problems(cfg)
     )  # fmt: skip
     if problems:
         raise UsageError(problems)
@@ -214,3 +225,12 @@ def check_against_model(cfg, model_config, tokenizer) -> None:
         )
     if problems:
         raise UsageError(problems)
+
+
+def check_against_data(cfg, datasets) -> None:
+    """Checks that need the data (read, but no weights loaded yet)."""
+    if cfg.eval_only and datasets.eval is None:
+        raise UsageError(
+            "--eval_only: there is no validation data. Pass --validation_file, or --validation_split_percentage "
+            "above 0 to hold out some training rows."
+        )
