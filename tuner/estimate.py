@@ -140,6 +140,12 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
     }
     if world_size > 1:
         memory["ddp_buckets"] = trainable * weight_bytes  # DDP's flat all-reduce buffers: one more gradient copy
+    if cfg.influence:
+        # The reference gradient (one copy of the trainable parameters) stays; while it is computed, the
+        # activations of one reference batch (eval mode: never checkpointed, tuner/influence.py) stand
+        # in for the training step's, which do not exist yet: only their excess counts.
+        reference = cfg.per_device_eval_batch_size * cfg.max_seq_length * (layers * per_token["layer"] + per_token["outside"])
+        memory["influence"] = trainable * weight_bytes + max(0, int(reference) - memory["activations"])
     memory["total"] = sum(memory.values())
     return {
         "memory": memory,
@@ -218,6 +224,8 @@ def format_report(cfg, numbers: dict) -> str:
     ]  # fmt: skip
     if "ddp_buckets" in m:
         memory.append(("DDP gradient buckets", m["ddp_buckets"], "one more gradient copy"))
+    if "influence" in m:
+        memory.append(("influence", m["influence"], "reference gradient, + a reference batch's activations beyond a step's"))
     memory.append(("total", m["total"], ""))
     lines = ["Derived numbers:"] + [f"  {name:<28}{value}" for name, value in facts] + sft_lines(n)
     lines.append("Peak memory per device: an ESTIMATE, not a measurement (add ~1 GiB for CUDA context and allocator):")

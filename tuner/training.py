@@ -29,6 +29,11 @@ def finalize(cfg, has_eval: bool, total_steps: int | None) -> None:
     than the run, and the stream's own resume position. Changes `cfg` in place."""
     from transformers.trainer_utils import IntervalStrategy
 
+    if not has_eval and cfg.influence:
+        raise UsageError(
+            "--influence: there is no validation data to take the reference set from. Pass --validation_file or "
+            "--validation_split_percentage above 0."
+        )
     if not has_eval and cfg.eval_strategy != IntervalStrategy.NO:
         if cfg.load_best_model_at_end:
             raise UsageError(
@@ -40,6 +45,8 @@ def finalize(cfg, has_eval: bool, total_steps: int | None) -> None:
     if total_steps is not None and cfg.warmup_steps >= 1 and cfg.warmup_steps > total_steps:
         logger.warning("--warmup_steps %g exceeds the %d training steps; clamped to %d", cfg.warmup_steps, total_steps, total_steps)
         cfg.warmup_steps = total_steps
+    if cfg.influence:  # the rows' example ids must reach the collator (tuner.influence_run.CollateWithIds)
+        cfg.remove_unused_columns = False
     # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
     # instead of Trainer re-reading and discarding every batch before it.
     cfg.ignore_data_skip = cfg.ignore_data_skip or cfg.streaming
@@ -57,14 +64,22 @@ class LeanLossTrainer(Trainer):
         if not self.lean_loss:
             logger.warning("FSDP/DeepSpeed shard lm_head: using the standard loss, which holds the full logits")
 
+    influence = None  # influence_run.InfluenceTracker with --influence
+
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        example_ids = inputs.pop("example_ids", None)  # (B,) or (B, T): for --influence, not for the model
+        if self.influence is None:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        else:
+            with self.influence.scoring(self.state.global_step, self.optimizer, inputs, example_ids):
+                loss = super().training_step(model, inputs, num_items_in_batch)
         self.guard.record_loss(loss)
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         from .loss import compute_causal_lm_loss
 
+        inputs.pop("example_ids", None)  # evaluation batches of an --influence run carry them too
         # A packed batch with an attention mask or a KV cache would let its examples attend to each other.
         check_packed_batch(inputs, getattr(unwrap_model(model).config, "use_cache", None))
         if not self.lean_loss:
@@ -72,8 +87,10 @@ class LeanLossTrainer(Trainer):
         # Label smoothing shapes training only: the evaluation loss stays the plain per-token NLL, so
         # perplexity = exp(eval_loss) keeps its meaning.
         smoothing = self.args.label_smoothing_factor if model.training else 0.0
+        head_hook = self.influence.head_hook if self.influence is not None and model.training else None
         loss, outputs = compute_causal_lm_loss(
-            model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel, label_smoothing=smoothing
+            model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel, label_smoothing=smoothing,
+            head_hook=head_hook,
         )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
@@ -161,17 +178,25 @@ def resume_point(cfg) -> str | None:
 
 
 def build_trainer(cfg, model, tokenizer, datasets) -> Trainer:
+    from . import influence_run
+
     fit_model_to_data(model, tokenizer, datasets)
+    train, collator = datasets.train, datasets.collator or default_data_collator  # SFT: packed rows, or padding per batch
+    if cfg.influence:  # every training row carries its example id(s) to the scorer
+        train, collator = influence_run.IndexedDataset(train), influence_run.CollateWithIds(collator)
     trainer = LeanLossTrainer(
         model=model,
         args=cfg,
-        train_dataset=datasets.train,
+        train_dataset=train,
         eval_dataset=datasets.eval,
         processing_class=tokenizer,
-        data_collator=datasets.collator or default_data_collator,  # SFT: packed rows, or padding per batch
+        data_collator=collator,
         callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
     )
     trainer.data_figures = datasets.figures  # for run_summary.json
+    if cfg.influence:
+        trainer.influence = influence_run.InfluenceTracker(cfg, trainer.model, datasets, tokenizer)
+        trainer.add_callback(trainer.influence)
     keep_logs_in_output_dir(trainer)
     return trainer
 

@@ -196,10 +196,33 @@ def data_problems(cfg) -> list[str]:
     return problems
 
 
+def influence_problems(cfg) -> list[str]:
+    from . import influence
+
+    if not cfg.influence:
+        return []
+    problems = []
+    problem = influence.config_problem(cfg.use_liger_kernel, bool(cfg.fsdp or cfg.deepspeed))
+    if problem:
+        problems.append(f"--influence: {problem}.")
+    if cfg.streaming:
+        problems.append("--influence with --streaming: scores are kept per training example, which needs data in memory "
+                        "(stable example ids). Drop --streaming.")  # fmt: skip
+    if cfg.influence_val_examples != "all" and not (cfg.influence_val_examples.isdigit() and int(cfg.influence_val_examples) > 0):
+        problems.append(f"--influence_val_examples {cfg.influence_val_examples}: a positive number of examples, or 'all'. "
+                        "Pass e.g. --influence_val_examples 32.")  # fmt: skip
+    if cfg.influence_steps < 1:
+        problems.append(f"--influence_steps {cfg.influence_steps}: must be at least 1 (score every N steps).")
+    if cfg.use_lora and cfg.lora_trainable_tokens:
+        problems.append("--influence with --lora_trainable_tokens: peft's trainable token rows are not a layer the scores "
+                        "can cover exactly. Drop --lora_trainable_tokens, or --influence.")  # fmt: skip
+    return problems
+
+
 def validate(cfg) -> None:
     problems = (
         number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + trainer_problems(cfg) + path_problems(cfg)
-        + lora_problems(cfg) + data_problems(cfg)
+        + lora_problems(cfg) + data_problems(cfg) + influence_problems(cfg)
     )  # fmt: skip
     if problems:
         raise UsageError(problems)
