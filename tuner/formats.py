@@ -119,12 +119,18 @@ def detect_format(column_names: Iterable[str], requested: str = "auto", columns:
     missing = [c for c in needs[requested] if c not in present]
     if missing:
         raise UsageError(
-            f"--data_format {requested} needs the column(s) {missing}; the data has {names}. "
-            f"Point the matching --*_column option at your column, or choose another --data_format."
+            f"--data_format {requested} needs the column(s) {missing}; the data has {names}. Point "
+            f"{_FLAGS[requested]} at your column(s), or choose another --data_format."
         )
     return FormatChoice(requested, f"--data_format {requested}", columns)
 
 
+_FLAGS = {
+    "messages": "--messages_column",
+    "prompt_completion": "--prompt_column/--completion_column",
+    "alpaca": "--instruction_column/--output_column",
+    "text": "--text_column",
+}
 _WHAT = {
     "messages": "a list of {role, content} messages",
     "prompt_completion": "prompt/completion pairs",

@@ -67,7 +67,7 @@ class ExampleStream(ResumableStream):
                 continue
             if not examples:
                 first = replace(start, document=row, offset=0, source=state)
-            examples.append(formats.normalise_row(record, self.settings.choice, self.name, row))
+            examples.append(formats.normalise_row(record, self.settings.choice, self.source.source.name, row))
             if len(examples) == self.buffer_examples:
                 yield first, examples, replace(start, document=row + 1, offset=0, source=rows.state_dict())
                 examples = []

@@ -129,7 +129,8 @@ class ResumableStream(torch.utils.data.IterableDataset):
         try:
             next(first)
         except UsageError as error:
-            raise UsageError([f"{problem} ({self.name})" for problem in error.problems]) from None
+            named = self.source.source.name
+            raise UsageError([p if named in p else f"{p} ({self.name})" for p in error.problems]) from None
         except Exception as exc:  # datasets wraps parser errors in several exception types
             raise UsageError(
                 f"{self.name}: could not be read as a stream ({sources.root_cause(exc)}). Fix the data, or check its format."
