@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
     model = models.load_model(cfg, model_path, tokenizer)
-    trainer = training.build_trainer(cfg, model, tokenizer, datasets)
+    trainer = training.build_trainer(cfg, model, tokenizer, datasets, models.load_teacher(cfg))
     if cfg.eval_only:
         return evaluate_only(cfg, trainer)
     try:

@@ -37,18 +37,6 @@ def chat_rows(directory: Path, conversations: list[list]) -> str:
     return jsonl(directory / "chat.jsonl", [{"messages": [message(t) for t in turns]} for turns in conversations])
 
 
-U, A = "user", "assistant"
-
-
-def chat_rows(directory: Path, conversations: list[list]) -> str:
-    """chat.jsonl of {"messages": [...]} rows; a role alone gets a content, a (role, content) pair keeps its own."""
-    def message(turn):
-        role, content = turn if isinstance(turn, tuple) else (turn, f"some {turn} text")
-        return {"role": role, "content": content}
-
-    return jsonl(directory / "chat.jsonl", [{"messages": [message(t) for t in turns]} for turns in conversations])
-
-
 CASES = [
     ("missing file", lambda d: ["--train_file", str(d / "nope.jsonl")], ["--train_file", "nope.jsonl", "no such file"]),
     ("unsupported extension", lambda d: ["--train_file", write(d / "c.xml", "<a/>")], ["--train_file", "c.xml", ".xml", "Use one of"]),
@@ -180,32 +168,6 @@ CASES = [
         lambda d: ["--eval_only", "--validation_split_percentage", "0"],
         ["--eval_only", "nothing to evaluate on", "--validation_file"],
     ),
-    # chat and instruction data: every bad row named (0-based), before the weights load
-    (
-        "chat roles that do not alternate",
-        lambda d: ["--train_file", chat_rows(d, [[U, A], [U, A], [U, U]])],
-        ["chat.jsonl row 2 (0-based)", "message 1 is 'user' where 'assistant' was due", "Fix the order or drop the row"],
-    ),
-    ("chat role that is unknown", lambda d: ["--train_file", chat_rows(d, [[U, A], [U, "bot"]])], ["chat.jsonl row 1 (0-based)", "role 'bot'"]),
-    ("chat answer that is empty", lambda d: ["--train_file", chat_rows(d, [[U, A], [U, A], [U, (A, "  ")]])], ["row 2 (0-based)", "empty answer"]),
-    ("chat conversation that is empty", lambda d: ["--train_file", chat_rows(d, [[], [U, A]])], ["row 0 (0-based)", "empty conversation"]),
-    (
-        "bad chat rows, streamed",
-        lambda d: ["--train_file", chat_rows(d, [[U, A], [U, U]]), "--streaming", "--max_steps", "2"],
-        ["chat.jsonl row 1 (0-based)", "where 'assistant' was due"],
-    ),
-    (
-        "alpaca row without an answer",
-        lambda d: ["--train_file", jsonl(d / "alpaca.jsonl", [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say hi", "output": ""}])],
-        ["alpaca.jsonl row 1 (0-based)", "empty answer"],
-    ),
-    ("format without its columns", lambda d: ["--data_format", "messages"], ["--data_format messages needs the column(s) ['messages']", "--messages_column"]),
-    ("chat template file missing", lambda d: ["--chat_template", str(d / "nope.jinja")], ["--chat_template", "nope.jinja", "no such file"]),
-    (
-        "eval only without validation data",
-        lambda d: ["--eval_only", "--validation_split_percentage", "0"],
-        ["--eval_only", "nothing to evaluate on", "--validation_file"],
-    ),
     ("influence while streaming", lambda d: ["--influence", "--streaming", "--max_steps", "3"], ["--influence with --streaming", "Drop --streaming"]),
     ("influence reference size", lambda d: ["--influence", "--influence_val_examples", "many"], ["--influence_val_examples many", "'all'"]),
     (
@@ -214,6 +176,13 @@ CASES = [
         ["--influence", "no validation data", "--validation_file"],
     ),
     ("influence with liger", lambda d: ["--influence", "--use_liger_kernel"], ["--influence", "Liger"]),
+    ("distillation option without a teacher", lambda d: ["--distill_alpha", "0.7"], ["--distill_alpha", "--teacher_model_name_or_path"]),
+    ("distillation weight above 1", lambda d: ["--teacher_model_name_or_path", "x", "--distill_alpha", "1.5"], ["--distill_alpha 1.5", "between 0 and 1"]),
+    (
+        "teacher that does not exist",
+        lambda d: ["--teacher_model_name_or_path", str(d / "no-teacher")],
+        ["--teacher_model_name_or_path", "no-teacher", "cannot be loaded"],
+    ),
 ]
 
 

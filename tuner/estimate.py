@@ -106,7 +106,7 @@ def activation_bytes_per_token(model_config, compute_bytes: int, autocast: bool,
     return {"layer": per_layer, "outside": 4 * 4 * h}
 
 
-def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
+def memory_estimate(cfg, model_config, params: dict, world_size: int, teacher_config=None) -> dict:
     """Peak bytes per device, by component. fp32 master weights unless --use_flash_attention (bf16)."""
     text = text_config(model_config)
     weight_bytes = 2 if cfg.use_flash_attention else 4  # models.attention_and_dtype
@@ -146,6 +146,14 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
         # in for the training step's, which do not exist yet: only their excess counts.
         reference = cfg.per_device_eval_batch_size * cfg.max_seq_length * (layers * per_token["layer"] + per_token["outside"])
         memory["influence"] = trainable * weight_bytes + max(0, int(reference) - memory["activations"])
+    if teacher_config is not None:
+        from .distill import teacher_memory
+
+        teacher = teacher_memory(teacher_config, compute_bytes, cfg.per_device_train_batch_size, cfg.max_seq_length, attention)
+        # Its chunk buffers replace the plain loss's; its forward runs before the student's, so only
+        # its excess over the student's activations reaches the peak.
+        memory["logits"] += teacher["chunk_buffers"] - LOGIT_BUFFERS * chunk * vocab * 4
+        memory["teacher"] = teacher["weights"] + teacher["hidden"] + max(0, teacher["forward"] - memory["activations"])
     memory["total"] = sum(memory.values())
     return {
         "memory": memory,
@@ -164,6 +172,11 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int) -> dict:
 
 def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None) -> dict:
     """Every derived number of the run, without loading weights. `datasets` is a tuner.data.Datasets."""
+    teacher_config = None
+    if cfg.teacher_model_name_or_path:
+        from .models import teacher_config_and_tokenizer
+
+        teacher_config, _ = teacher_config_and_tokenizer(cfg)
     train_chunks = datasets.train_chunks  # None for a stream
     params = count_parameters(model_config)
     if cfg.use_lora:
@@ -180,7 +193,7 @@ def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None) -> di
         "data_format": datasets.format, "packed": datasets.packed, "data_figures": datasets.figures,
         "preview": datasets.preview,
         **params,
-        **memory_estimate(cfg, model_config, params, world_size),
+        **memory_estimate(cfg, model_config, params, world_size, teacher_config),
     }
 
 
@@ -220,10 +233,13 @@ def format_report(cfg, numbers: dict) -> str:
         ("activations", m["activations"], f"{n['micro_batch_tokens']:,} tokens per micro-batch, {n['compute_dtype']}, "
          f"{n['attention']}{recompute}"),
         ("logits (chunked loss)", m["logits"], f"{n['loss_chunk_tokens']:,}-token chunks x {n['vocab_size']:,} vocab, "
-         f"fp32 x 3{n['head_gradient']}"),
+         f"fp32 x 3{n['head_gradient']}" if "teacher" not in m else "distillation: CE and KL chunk by chunk, fp32 x 5"
+         f"{n['head_gradient']}"),
     ]  # fmt: skip
     if "ddp_buckets" in m:
         memory.append(("DDP gradient buckets", m["ddp_buckets"], "one more gradient copy"))
+    if "teacher" in m:
+        memory.append(("teacher", m["teacher"], f"frozen {n['compute_dtype']} weights + its final hidden states"))
     if "influence" in m:
         memory.append(("influence", m["influence"], "reference gradient, + a reference batch's activations beyond a step's"))
     memory.append(("total", m["total"], ""))

@@ -32,21 +32,23 @@ def resolve(name: str) -> str:
     return name
 
 
-def load_config(cfg, path: str):
-    """Load only config.json: proves the model exists and is reachable, without loading weights."""
+def load_config(cfg, path: str, flag: str = "--model_name_or_path"):
+    """Load only config.json: proves the model exists and is reachable, without loading weights.
+    `flag` names the model in messages: the student's, or --teacher_model_name_or_path."""
     from transformers import AutoConfig
 
+    name = getattr(cfg, flag.lstrip("-"))
     try:
         return AutoConfig.from_pretrained(path)
     except Exception as exc:
-        hint = _NEAR_MISSES.get(cfg.model_name_or_path)
+        hint = _NEAR_MISSES.get(name)
         fix = f"The model is called {hint}." if hint else hub.unreachable_note() or (
             "Check the spelling, that a local directory holds config.json, or for a gated hub model accept its "
             f"licence and set HF_TOKEN. With no hub access use --model_name_or_path {offline.OFFLINE_MODEL}."
         )
         offline_note = " (hub access is off: HF_HUB_OFFLINE=1)" if hub.is_offline() and not hub.unreachable_note() else ""
         raise UsageError(
-            f"--model_name_or_path {cfg.model_name_or_path}: cannot be loaded{offline_note} "
+            f"{flag} {name}: cannot be loaded{offline_note} "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}). {fix}"
         ) from None
 
@@ -56,14 +58,14 @@ def max_positions(model_config) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def load_tokenizer(cfg, path: str):
+def load_tokenizer(cfg, path: str, flag: str = "--model_name_or_path"):
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:
         raise UsageError(
-            f"--model_name_or_path {cfg.model_name_or_path}: its tokenizer cannot be loaded ({type(exc).__name__}: "
+            f"{flag} {getattr(cfg, flag.lstrip('-'))}: its tokenizer cannot be loaded ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:160]}). Use a model directory that includes tokenizer files."
         ) from None
     if tokenizer.pad_token is None:
@@ -118,3 +120,29 @@ def load_model(cfg, path: str, tokenizer):
         set_seed(cfg.seed)  # the adapter's random initialisation, reproducible (the Trainer seeds only later)
         model = lora.apply_lora(model, lora.config_from_options(cfg, tokenizer), checkpointing(cfg))
     return model
+
+
+TEACHER_FLAG = "--teacher_model_name_or_path"
+
+
+def teacher_config_and_tokenizer(cfg):
+    """The teacher's config.json and tokenizer (no weights), for the checks before the student loads."""
+    path = resolve(cfg.teacher_model_name_or_path)
+    return load_config(cfg, path, TEACHER_FLAG), load_tokenizer(cfg, path, TEACHER_FLAG)
+
+
+def load_teacher(cfg):
+    """The frozen teacher in eval mode, in the compute dtype (bf16 with --bf16), or None without one."""
+    if not cfg.teacher_model_name_or_path:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .distill import prepare_teacher
+
+    dtype = torch.bfloat16 if cfg.bf16 or cfg.use_flash_attention else torch.float32
+    attention, _ = attention_and_dtype(cfg)
+    kwargs = {"attn_implementation": attention} if attention else {}
+    teacher = AutoModelForCausalLM.from_pretrained(resolve(cfg.teacher_model_name_or_path), dtype=dtype, **kwargs)
+    logger.info("Teacher %s loaded in %s, frozen", cfg.teacher_model_name_or_path, dtype)
+    return prepare_teacher(teacher)

@@ -65,6 +65,7 @@ class LeanLossTrainer(Trainer):
             logger.warning("FSDP/DeepSpeed shard lm_head: using the standard loss, which holds the full logits")
 
     influence = None  # influence_run.InfluenceTracker with --influence
+    teacher = None  # with --teacher_model_name_or_path: frozen, eval mode, on this device
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         example_ids = inputs.pop("example_ids", None)  # (B,) or (B, T): for --influence, not for the model
@@ -88,13 +89,27 @@ class LeanLossTrainer(Trainer):
         # perplexity = exp(eval_loss) keeps its meaning.
         smoothing = self.args.label_smoothing_factor if model.training else 0.0
         head_hook = self.influence.head_hook if self.influence is not None and model.training else None
-        loss, outputs = compute_causal_lm_loss(
-            model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel, label_smoothing=smoothing,
-            head_hook=head_hook,
-        )
+        if self.teacher is not None and model.training:  # evaluation stays plain CE: comparable perplexities
+            loss, outputs = self.distillation_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = compute_causal_lm_loss(
+                model, inputs, num_items_in_batch, use_liger=self.args.use_liger_kernel, label_smoothing=smoothing,
+                head_hook=head_hook,
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None and self.model_accepts_loss_kwargs:
             loss = loss * self.accelerator.num_processes  # Trainer divides by the world size when summing tokens globally
         return (loss, outputs) if return_outputs else loss
+
+    def distillation_loss(self, model, inputs, num_items_in_batch):
+        from .distill import compute_distillation_loss
+
+        args = self.args
+        loss, outputs, parts = compute_distillation_loss(
+            model, self.teacher, inputs, num_items_in_batch, alpha=args.distill_alpha,
+            temperature=args.distill_temperature, direction=args.distill_direction,
+        )  # fmt: skip
+        self.distill_parts = parts  # the CE and KL terms of the last micro-batch, for tests and logs
+        return loss, outputs
 
     # ------------------------------------------------------------ evaluation per token
     # Trainer's evaluation_loop averages one loss per batch (each repeated eval_batch_size times), so the
@@ -177,7 +192,7 @@ def resume_point(cfg) -> str | None:
     return found
 
 
-def build_trainer(cfg, model, tokenizer, datasets) -> Trainer:
+def build_trainer(cfg, model, tokenizer, datasets, teacher=None) -> Trainer:
     from . import influence_run
 
     fit_model_to_data(model, tokenizer, datasets)
@@ -194,6 +209,8 @@ def build_trainer(cfg, model, tokenizer, datasets) -> Trainer:
         callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
     )
     trainer.data_figures = datasets.figures  # for run_summary.json
+    if teacher is not None:
+        trainer.teacher = teacher.to(cfg.device)
     if cfg.influence:
         trainer.influence = influence_run.InfluenceTracker(cfg, trainer.model, datasets, tokenizer)
         trainer.add_callback(trainer.influence)

@@ -219,10 +219,28 @@ def influence_problems(cfg) -> list[str]:
     return problems
 
 
+def distill_problems(cfg) -> list[str]:
+    from . import distill
+
+    if not cfg.teacher_model_name_or_path:
+        changed = [f"--{name}" for name, default in (("distill_alpha", 0.5), ("distill_temperature", 2.0),
+                                                     ("distill_direction", "forward")) if getattr(cfg, name) != default]  # fmt: skip
+        return [f"{flag}: has no effect without --teacher_model_name_or_path. Add a teacher, or drop {flag}." for flag in changed]
+    problems = distill.option_problems(cfg.distill_alpha, cfg.distill_temperature, cfg.distill_direction)
+    conflicts = {"--use_liger_kernel": cfg.use_liger_kernel, "--fsdp/--deepspeed": bool(cfg.fsdp or cfg.deepspeed),
+                 "--influence": cfg.influence}  # fmt: skip
+    problems += [
+        f"--teacher_model_name_or_path with {flag}: the distillation loss runs its own chunked loop over the two output "
+        f"layers, which {flag} does not support. Drop {flag}, or the teacher."
+        for flag, on in conflicts.items() if on
+    ]  # fmt: skip
+    return problems
+
+
 def validate(cfg) -> None:
     problems = (
         number_problems(cfg) + precision_problems(cfg) + feature_problems(cfg) + trainer_problems(cfg) + path_problems(cfg)
-        + lora_problems(cfg) + data_problems(cfg) + influence_problems(cfg)
+        + lora_problems(cfg) + data_problems(cfg) + influence_problems(cfg) + distill_problems(cfg)
     )  # fmt: skip
     if problems:
         raise UsageError(problems)
@@ -235,6 +253,13 @@ def check_against_model(cfg, model_config, tokenizer) -> None:
         from . import lora
 
         problems += lora.model_problems(model_config, tokenizer, cfg.lora_target_modules, cfg.lora_trainable_tokens)
+    if cfg.teacher_model_name_or_path:
+        from . import distill
+
+        teacher_config, teacher_tokenizer = models.teacher_config_and_tokenizer(cfg)
+        name = cfg.teacher_model_name_or_path
+        found = [distill.tokenizer_problem(tokenizer, teacher_tokenizer, name), distill.vocab_problem(model_config, teacher_config, name)]
+        problems += [p for p in found if p]
     limit = models.max_positions(model_config)
     if limit and cfg.max_seq_length > limit:
         problems.append(
