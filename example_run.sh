@@ -9,9 +9,11 @@
 # lives in the YAML under configs/ (CONFIG=... picks another) and in the flags you add.
 #
 # Settings (environment variables):
-#   CONFIG           main.py YAML; each recipe has its own default
+#   CONFIG           main.py YAML. multi-gpu, fsdp (and multinode_train.sh): configs/multi-gpu-gc.yaml;
+#                    single-gpu: configs/gemma3-270m-wikitext.yaml; quickstart, cpu-ddp, resume:
+#                    configs/quickstart-cpu.yaml; jsonl, csv: configs/own-files.yaml
 #   GPU              single-gpu: the GPU index to use (default 0)
-#   GPUS             multi-gpu / fsdp: GPU indices, comma-separated, or all (default 0,1)
+#   GPUS             multi-gpu / fsdp: GPU indices, comma-separated, or all (default all, as multinode_train.sh)
 #   NPROC_PER_NODE   cpu-ddp: CPU processes (default 2)
 #   MASTER_PORT      rendezvous port for the multi-process recipes (default 29500)
 #   TRAIN_FILE, VALIDATION_FILE, TEXT_COLUMN   jsonl / csv: your files and their text column
@@ -28,16 +30,16 @@ source "$REPO/scripts/launch_common.sh"
 
 MAIN="$REPO/main.py"
 LAUNCH=("$PYTHON" -m accelerate.commands.launch)  # `accelerate launch`, from the same interpreter
-MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_PORT="${MASTER_PORT:-$DEFAULT_MASTER_PORT}"
 CORPUS="${CORPUS:-$REPO/data/pydoc_topics.jsonl}"
 
 RECIPES=(quickstart single-gpu multi-gpu cpu-ddp fsdp jsonl csv resume multinode)
 declare -A ABOUT=(
     [quickstart]="CPU, no network: the bundled Gemma 3 270M (offline:gemma-3-270m) on CPython's docs, 8 steps"
     [single-gpu]="one GPU (GPU=0): Gemma 3 270M on wikitext-2"
-    [multi-gpu]="DDP on chosen GPUs (GPUS=0,1) with gradient checkpointing"
+    [multi-gpu]="DDP on every GPU, or those in GPUS=0,1, with gradient checkpointing"
     [cpu-ddp]="the quickstart in 2 CPU processes with gloo (NPROC_PER_NODE=2): DDP without a GPU"
-    [fsdp]="fully sharded data parallel on chosen GPUs (GPUS=0,1), configs/accelerate/fsdp.yaml"
+    [fsdp]="fully sharded data parallel on every GPU, or those in GPUS=0,1: configs/accelerate/fsdp.yaml"
     [jsonl]="your own JSON Lines file: TRAIN_FILE=train.jsonl [VALIDATION_FILE=val.jsonl]"
     [csv]="your own CSV file: TRAIN_FILE=train.csv [TEXT_COLUMN=text]"
     [resume]="continue the quickstart from its latest checkpoint, e.g. resume --max_steps 16 (or CHECKPOINT=dir)"
@@ -92,8 +94,9 @@ recipe_single_gpu() {
 }
 
 gpu_launch() {  # gpu_launch ACCELERATE_FLAGS...: accelerate on the GPUs in GPUS, at least two
-    local gpus="${GPUS:-0,1}" available n
+    local gpus="${GPUS:-$DEFAULT_GPUS}" available n
     available="$(gpu_count)"
+    ((available > 0)) || die_no_gpus GPUS "$gpus"
     check_gpu_ids GPUS "$gpus" "$available"
     if [[ "$gpus" == all ]]; then n="$available"; else n="$(count_ids "$gpus")"; fi
     ((n >= 2)) || die "GPUS=$gpus gives $n GPU; this recipe needs at least 2 (for one GPU: bash example_run.sh single-gpu)."
@@ -103,13 +106,13 @@ gpu_launch() {  # gpu_launch ACCELERATE_FLAGS...: accelerate on the GPUs in GPUS
 
 recipe_multi_gpu() {
     gpu_launch --multi_gpu --mixed_precision no --dynamo_backend no  # precision: the YAML's bf16
-    use_config "$REPO/configs/multi-gpu-gc.yaml"
+    use_config "$DEFAULT_CONFIG"
     cmd+=("$MAIN" "${conf[@]}")
 }
 
 recipe_fsdp() {
     gpu_launch --config_file "$REPO/configs/accelerate/fsdp.yaml"
-    use_config "$REPO/configs/gemma3-270m-wikitext.yaml"
+    use_config "$DEFAULT_CONFIG"
     cmd+=("$MAIN" "${conf[@]}")
 }
 

@@ -21,7 +21,8 @@
 #   RENDEZVOUS_TIMEOUT   seconds node 0 waits for all workers to join before failing (default 600)
 #   ACCELERATE_CONFIG    optional accelerate config, e.g. configs/accelerate/fsdp.yaml; the topology
 #                        settings above override the machine/process counts written in it
-#   CONFIG               main.py YAML (default configs/gemma3-270m-wikitext.yaml; empty: none)
+#   CONFIG               main.py YAML (default configs/multi-gpu-gc.yaml, as example_run.sh multi-gpu;
+#                        empty: none, only your flags)
 #   PYTHON               interpreter with torch/transformers/accelerate (default: the active venv, else .venv, else python)
 #   DRY_RUN=1            check the settings and print the command without running it
 # Extra arguments are passed to main.py. Pass the SAME extra arguments on every node.
@@ -53,10 +54,22 @@
 #     TORCH_DISTRIBUTED_DEBUG=DETAIL; pin the interface with NCCL_SOCKET_IFNAME=eth0 (see `ip addr`;
 #     for CPU/gloo runs GLOO_SOCKET_IFNAME=eth0); without InfiniBand try NCCL_IB_DISABLE=1.
 #   - Node 0 gives up after RENDEZVOUS_TIMEOUT seconds when a worker never joins.
-#   - Collective timeout during long preprocessing: the other processes wait in a barrier while
-#     the main process tokenizes; a big dataset can exceed the timeout ("Watchdog caught collective
-#     operation timeout"). Raise it with --ddp_timeout SECONDS (default 7200), or tokenize once
-#     beforehand on one machine with the same flags (the tokenized cache is reused).
+#   - Long data preparation: on each machine the local main process tokenizes into the token cache
+#     while the machine's other processes poll the file system for it; no collective runs, so no
+#     timeout applies. The processes join the process group before that (when main.py parses its
+#     options), and the first collective after it waits for the slowest machine, at most
+#     --ddp_timeout seconds (default 7200). If one machine reuses its cache while another tokenizes
+#     a big corpus from scratch, raise --ddp_timeout, or build the cache on every machine first:
+#     the same command with --dry_run tokenizes and exits.
+#   - A process that dies (killed, out of memory, a crash) ends the run on every machine: its own
+#     machine's launcher stops the other processes there at once (SIGTERM, SIGKILL after 30 s) and
+#     exits 1; the processes on the other machines fail at their next collective (gloo: "Connection
+#     closed by peer"; every training step has one) and their launchers exit 1 too. Rerun the same
+#     commands on every machine: the run resumes from the latest complete checkpoint in output_dir.
+#     A process that hangs, or a machine that vanishes (power, network), closes no connection: the
+#     others then wait --ddp_timeout seconds. On GPUs, NCCL reports a broken connection to another
+#     machine as an error and torch then ends the process (TORCH_NCCL_ASYNC_ERROR_HANDLING, on by
+#     default); where NCCL sees no error, the bound is again --ddp_timeout (not measured here).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -65,15 +78,15 @@ source "$REPO/scripts/launch_common.sh"
 
 MASTER_ADDR="${MASTER_ADDR:?set MASTER_ADDR to the main node (node 0) address as the other machines reach it; run 'hostname -I' on node 0, then e.g. MASTER_ADDR=<that address> bash run_node1.sh}"
 MACHINE_RANK="${MACHINE_RANK:?set MACHINE_RANK: 0 on the main node, 1..NUM_MACHINES-1 on the others (run_node0.sh and run_node1.sh set it)}"
-MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_PORT="${MASTER_PORT:-$DEFAULT_MASTER_PORT}"
 NUM_MACHINES="${NUM_MACHINES:-2}"
-GPUS="${GPUS:-all}"
+GPUS="${GPUS:-$DEFAULT_GPUS}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-}"
 NUM_PROCESSES="${NUM_PROCESSES:-}"
 WAIT_FOR_MAIN_SECONDS="${WAIT_FOR_MAIN_SECONDS:-90}"
 RENDEZVOUS_TIMEOUT="${RENDEZVOUS_TIMEOUT:-600}"
 ACCELERATE_CONFIG="${ACCELERATE_CONFIG:-}"
-CONFIG="${CONFIG-$REPO/configs/gemma3-270m-wikitext.yaml}"
+CONFIG="${CONFIG-$DEFAULT_CONFIG}"
 
 # What to train: the one list of main.py arguments every node uses. Hyperparameters belong in
 # the YAML (CONFIG) or in the extra flags, which must be the same on every node.

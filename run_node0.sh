@@ -7,11 +7,11 @@
 # the common configurations, the shared-storage requirement and troubleshooting.
 set -euo pipefail
 
-# ---- settings: the same on every node, except MACHINE_RANK and GPUS -------------------------
+# ---- settings: the same on every node, except MACHINE_RANK and GPUS; empty: the default ----
 export MASTER_ADDR="${MASTER_ADDR:-}"        # this machine's address as the others reach it (hostname -I); required
-export MASTER_PORT="${MASTER_PORT:-29500}"   # rendezvous port on this machine; open it in the firewall
-export GPUS="${GPUS:-all}"                   # GPUs to use on this machine: all, or indices such as 0,1
-export NUM_MACHINES="${NUM_MACHINES:-2}"     # machines in the run
+export MASTER_PORT="${MASTER_PORT:-}"        # rendezvous port on this machine (29500); open it in the firewall
+export GPUS="${GPUS:-}"                      # GPUs to use on this machine: all (default), or indices such as 0,1
+export NUM_MACHINES="${NUM_MACHINES:-}"      # machines in the run (2)
 export NUM_PROCESSES="${NUM_PROCESSES:-}"    # total processes; default NUM_MACHINES x GPUs per machine
 export NPROC_PER_NODE="${NPROC_PER_NODE:-}"  # CPU-only machines: processes per machine (gloo)
 export MACHINE_RANK="${MACHINE_RANK:-0}"     # 0: this is the main node

@@ -8,15 +8,15 @@
 # the common configurations, the shared-storage requirement and troubleshooting.
 set -euo pipefail
 
-# ---- settings: the same on every node, except MACHINE_RANK and GPUS -------------------------
+# ---- settings: the same on every node, except MACHINE_RANK and GPUS; empty: the default ----
 export MASTER_ADDR="${MASTER_ADDR:-}"        # the main node's address as this machine reaches it; required
-export MASTER_PORT="${MASTER_PORT:-29500}"   # rendezvous port on the main node
-export GPUS="${GPUS:-all}"                   # GPUs to use on this machine: all, or indices such as 0,1
-export NUM_MACHINES="${NUM_MACHINES:-2}"     # machines in the run
+export MASTER_PORT="${MASTER_PORT:-}"        # rendezvous port on the main node (29500)
+export GPUS="${GPUS:-}"                      # GPUs to use on this machine: all (default), or indices such as 0,1
+export NUM_MACHINES="${NUM_MACHINES:-}"      # machines in the run (2)
 export NUM_PROCESSES="${NUM_PROCESSES:-}"    # total processes; default NUM_MACHINES x GPUs per machine
 export NPROC_PER_NODE="${NPROC_PER_NODE:-}"  # CPU-only machines: processes per machine (gloo)
 export MACHINE_RANK="${MACHINE_RANK:-1}"     # 1..NUM_MACHINES-1
-export WAIT_FOR_MAIN_SECONDS="${WAIT_FOR_MAIN_SECONDS:-90}"  # then fail instead of hanging
+export WAIT_FOR_MAIN_SECONDS="${WAIT_FOR_MAIN_SECONDS:-}"  # wait this long for the main node (90 s), then fail
 # ----------------------------------------------------------------------------------------------
 
 exec bash "$(dirname "${BASH_SOURCE[0]}")/multinode_train.sh" "$@"

@@ -18,6 +18,17 @@ fi
 PYTHON="${PYTHON:-python}"
 DRY_RUN="${DRY_RUN:-0}"      # 1: print the command instead of running it
 
+# The one default of each setting the launchers share (example_run.sh, multinode_train.sh,
+# run_node0.sh, run_node1.sh, verify_setup.sh), used by the scripts that source this file:
+# shellcheck disable=SC2034
+DEFAULT_GPUS=all             # GPUS: every GPU on the machine, as accelerate's --gpu_ids all
+# shellcheck disable=SC2034
+DEFAULT_MASTER_PORT=29500    # MASTER_PORT: torch's and accelerate's default rendezvous port
+# CONFIG of every run with several GPU processes (example_run.sh multi-gpu and fsdp, multinode_train.sh):
+# gradient checkpointing, and the effective batch of the one-GPU recipe with 2 processes.
+# shellcheck disable=SC2034
+DEFAULT_CONFIG="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/configs/multi-gpu-gc.yaml"
+
 # die MESSAGE [MORE...]: print the message (further arguments as indented lines), exit 2.
 die() {
     printf 'error: %s\n' "$1" >&2
@@ -75,17 +86,20 @@ gpu_count() {
     fi
 }
 
+# die_no_gpus VAR VALUE: the refusal of a GPU setting on a machine without GPUs.
+die_no_gpus() {
+    die "$1=$2 asks for GPUs, but this machine has no CUDA GPU (no NVIDIA driver, or nvidia-smi lists none)." \
+        "Make nvidia-smi list the GPUs (bash verify_setup.sh), or train on CPU: bash example_run.sh cpu-ddp," \
+        "or for several machines unset $1 and set NPROC_PER_NODE."
+}
+
 # check_gpu_ids VAR LIST COUNT: LIST is "all" or comma-separated indices below COUNT.
 check_gpu_ids() {
     local var="$1" list="$2" count="$3" id seen=","
     [[ "$list" == all ]] && return 0
     [[ "$list" =~ ^[0-9]+(,[0-9]+)*$ ]] ||
         die "$var=$list: expected 'all' or GPU indices separated by commas, e.g. $var=0,1."
-    if ((count == 0)); then
-        die "$var=$list asks for GPUs, but this machine has no CUDA GPU (no NVIDIA driver, or nvidia-smi lists none)." \
-            "Make nvidia-smi list the GPUs (bash verify_setup.sh), or train on CPU: bash example_run.sh cpu-ddp," \
-            "or for several machines unset $var and set NPROC_PER_NODE."
-    fi
+    ((count > 0)) || die_no_gpus "$var" "$list"
     for id in ${list//,/ }; do
         ((id < count)) || die "$var=$list: GPU $id does not exist; this machine has $count GPU(s), indices 0-$((count - 1)) (see nvidia-smi -L)."
         [[ "$seen" != *",$id,"* ]] || die "$var=$list lists GPU $id twice; list each GPU once."

@@ -17,21 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch import ROOT, free_port, launcher_env
 
-ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(ROOT.glob("*.sh")) + sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci/run"]
-LAUNCHER_VARS = (
-    "MASTER_ADDR", "MASTER_PORT", "MACHINE_RANK", "NUM_MACHINES", "NUM_PROCESSES", "NPROC_PER_NODE", "GPUS",
-    "GPU", "CONFIG", "ACCELERATE_CONFIG", "DRY_RUN", "WAIT_FOR_MAIN_SECONDS", "RENDEZVOUS_TIMEOUT",
-    "TRAIN_FILE", "VALIDATION_FILE", "TEXT_COLUMN", "CHECKPOINT", "CORPUS", "CUDA_VISIBLE_DEVICES", "MODEL",
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
-)  # fmt: skip
-
-
-def launcher_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHON=sys.executable, **settings)
-    return env
 
 
 def bash(script: str, *args: str, timeout: float = 60, **settings: str) -> subprocess.CompletedProcess:
@@ -93,11 +81,53 @@ def test_shellcheck_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_launchers_run_the_training_through_exec():
-    """exec, so Ctrl-C and SIGTERM reach Python rather than a waiting shell."""
-    assert 'exec "$@"' in (ROOT / "scripts/launch_common.sh").read_text()
-    for node in ("run_node0.sh", "run_node1.sh"):
-        assert 'exec bash "$(dirname "${BASH_SOURCE[0]}")/multinode_train.sh" "$@"' in (ROOT / node).read_text()
+@pytest.fixture
+def recording_python(tmp_path) -> tuple[str, Path]:
+    """(PYTHON for a launcher, record file): an interpreter that runs the launchers' helper snippets
+    (`python -` and `python -c`) with the real one, and for anything else (the training command)
+    only records its process id and arguments."""
+    record = tmp_path / "record"
+    fake = tmp_path / "python"
+    fake.write_text(
+        f'#!/bin/sh\ncase "$1" in -|-c) exec {shlex.quote(sys.executable)} "$@";; esac\n'
+        f'echo "$$ $*" >> {shlex.quote(str(record))}\n'
+    )  # fmt: skip
+    fake.chmod(0o755)
+    return str(fake), record
+
+
+@pytest.mark.parametrize(
+    "script, args, settings",
+    [
+        ("example_run.sh", ["quickstart", "--max_steps", "1"], {}),
+        ("example_run.sh", ["cpu-ddp"], {"NPROC_PER_NODE": "2"}),
+        ("run_node0.sh", ["--max_steps", "1"], {"NPROC_PER_NODE": "1"}),
+        ("run_node1.sh", ["--max_steps", "1"], {"NPROC_PER_NODE": "1", "WAIT_FOR_MAIN_SECONDS": "5"}),
+    ],
+    ids=["quickstart", "cpu-ddp", "node0", "node1"],
+)
+def test_launchers_exec_the_training_command(script, args, settings, recording_python, tmp_path):
+    """The process that runs the training is the launcher's own process (exec), so Ctrl-C and SIGTERM
+    reach Python rather than a waiting shell; and it runs exactly the command DRY_RUN=1 prints."""
+    python, record = recording_python
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "hello"}\n')
+    with socket.socket() as main_node:  # run_node1.sh waits for the main node's port first
+        main_node.bind(("127.0.0.1", 0))
+        main_node.listen()
+        env = dict(
+            PYTHON=python, CORPUS=str(corpus), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(main_node.getsockname()[1])
+        )
+        if script == "run_node0.sh":
+            env["MASTER_PORT"] = str(free_port())  # the main node binds it: it must be free
+        proc = subprocess.Popen(["bash", str(ROOT / script), *args], env=launcher_env(**env, **settings), cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    pid, *argv = record.read_text().split()
+    assert int(pid) == proc.pid, "the training command ran in a child process, not through exec"
+    printed = dry_run(script, *args, **{**env, **settings})
+    assert argv == printed[printed.index(python) + 1 :]
 
 
 # ---------------------------------------------------------------- example_run.sh
@@ -118,7 +148,9 @@ def test_example_run_refuses_an_unknown_recipe():
 
 def test_example_run_prints_the_exact_command_and_passes_extra_flags_through(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    cmd = dry_run("example_run.sh", "quickstart", "--max_steps", "2", "--sample_prompts", "two words", CORPUS=str(corpus))
+    cmd = dry_run(
+        "example_run.sh", "quickstart", "--max_steps", "2", "--sample_prompts", "two words", CORPUS=str(corpus)
+    )
     assert cmd == [
         sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "configs/quickstart-cpu.yaml"),
         "--train_file", str(corpus), "--max_steps", "2", "--sample_prompts", "two words",
@@ -149,6 +181,24 @@ def test_example_run_multi_gpu_uses_the_chosen_gpus(fake_gpus):
     assert cmd[-2:] == ["--config", str(ROOT / "configs/multi-gpu-gc.yaml")]  # gradient checkpointing on
     assert "does not exist" in refused("example_run.sh", "multi-gpu", GPUS="0,2", **fake_gpus)
     assert "at least 2" in refused("example_run.sh", "multi-gpu", GPUS="1", **fake_gpus)
+
+
+def test_the_launchers_share_one_default_for_gpus_config_and_port(fake_gpus):
+    """GPUS, CONFIG and MASTER_PORT unset: every multi-process GPU launch uses all the GPUs (two
+    here), the same main.py YAML and the same port, whichever script starts it."""
+    commands = {
+        "multi-gpu": dry_run("example_run.sh", "multi-gpu", **fake_gpus),
+        "fsdp": dry_run("example_run.sh", "fsdp", **fake_gpus),
+        "node0": dry_run("run_node0.sh", MASTER_ADDR="127.0.0.1", **fake_gpus),
+        "node1": dry_run("run_node1.sh", MASTER_ADDR="127.0.0.1", **fake_gpus),
+        "multinode": dry_run("example_run.sh", "multinode", MASTER_ADDR="127.0.0.1", MACHINE_RANK="0", **fake_gpus),
+    }
+    processes = {"multi-gpu": "2", "fsdp": "2", "node0": "4", "node1": "4", "multinode": "4"}  # 2 GPUs x machines
+    for name, cmd in commands.items():
+        assert "--gpu_ids" not in cmd, f"{name}: GPUS unset must mean all GPUs"
+        assert cmd[cmd.index("--num_processes") + 1] == processes[name], name
+        assert cmd[cmd.index("--main_process_port") + 1] == "29500", name
+        assert cmd[cmd.index("--config") + 1] == str(ROOT / "configs/multi-gpu-gc.yaml"), name
 
 
 def test_example_run_single_gpu_selects_the_gpu(fake_gpus):
@@ -264,17 +314,27 @@ def test_accelerate_configs_load():
 
 CHECKS = ["python", "torch", "transformers", "accelerate", "datasets", "cuda", "offline model", "model access",
           "this host", "main node", "rdzv port"]  # fmt: skip
+NAMES = re.compile(
+    r"^(PASS|WARN|FAIL)\s+(offline model|model access|this host|main node|rdzv port|selected gpus|gpu \d+|\S+)\s"
+)
 
 
 def report_lines(output: str) -> dict[str, str]:
-    """{check name: status} from verify_setup.sh's report lines, "STATUS NAME(14 wide) detail"."""
-    return {line[6:20].strip(): line[:4] for line in output.splitlines() if line[:4] in ("PASS", "WARN", "FAIL")}
+    """{check name: status} from verify_setup.sh's report lines, "STATUS NAME detail"."""
+    return {m.group(2): m.group(1) for line in output.splitlines() if (m := NAMES.match(line))}
 
 
 def test_verify_setup_reports_every_check_and_fails_exactly_on_fail(tmp_path):
     result = bash("verify_setup.sh", timeout=120, TUNER_CACHE=str(tmp_path / "cache"), MASTER_ADDR="127.0.0.1")
     statuses = report_lines(result.stdout)
     assert set(CHECKS) <= set(statuses), result.stdout
+    # The packages checked are requirements.txt's, each once, in its order.
+    wanted = [
+        re.split(r"[<>=!~\[; ]", line.split("#")[0].strip())[0]
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+    ]
+    listed = [m.group(2) for line in result.stdout.splitlines() if (m := NAMES.match(line))]
+    assert listed[1 : 1 + len([w for w in wanted if w])] == [w for w in wanted if w], result.stdout
     assert (result.returncode != 0) == ("FAIL" in statuses.values()), result.stdout
     for line in result.stdout.splitlines():
         if line.startswith(("WARN", "FAIL")):

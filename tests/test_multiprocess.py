@@ -21,78 +21,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
+from launch import ROOT, Launch, free_port, launcher_env, tiny_run_config
 
-ROOT = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4  # absolute, on a loss of about 6.2
 STEPS = 6
-TIMEOUT = 240  # seconds per launch: a run takes ~25 s here, but CI machines can be slow
-LAUNCHER_VARS = (
-    "MASTER_ADDR", "MASTER_PORT", "MACHINE_RANK", "NUM_MACHINES", "NUM_PROCESSES", "NPROC_PER_NODE", "GPUS",
-    "GPU", "CONFIG", "ACCELERATE_CONFIG", "DRY_RUN", "WAIT_FOR_MAIN_SECONDS", "RENDEZVOUS_TIMEOUT",
-    "ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-)  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env(**settings: str) -> dict[str, str]:
-    """os.environ (offline flags, caches) without launcher settings the caller's shell may hold."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
-    env.update(PYTHON=sys.executable, OMP_NUM_THREADS="1", **settings)
-    return env
-
-
-class Launch:
-    """A command started in its own process group, its output in files under `cwd`."""
-
-    def __init__(self, name: str, cmd: list[str], cwd: Path, env: dict[str, str]):
-        cwd.mkdir(parents=True, exist_ok=True)
-        self.name, self.cwd, self.started = name, cwd, time.monotonic()
-        self.out, self.err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=True)
-
-    def wait(self, timeout: float = TIMEOUT) -> int:
-        try:
-            self.proc.wait(timeout=max(1.0, timeout - (time.monotonic() - self.started)))
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the launcher and the workers it started
-            self.proc.wait()
-            pytest.fail(f"{self.name} still running after {timeout} s:\n{self.tail()}")
-        self.elapsed = time.monotonic() - self.started
-        return self.proc.returncode
-
-    @property
-    def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
-
-    @property
-    def stdout(self) -> str:
-        return self.out.read_text(errors="replace")
-
-    def tail(self, chars: int = 3000) -> str:
-        return f"--- stdout\n{self.stdout[-chars:]}\n--- stderr\n{self.stderr[-chars:]}"
-
-    def assert_clean_exit(self) -> None:
-        """Exit 0, and no abort or stack trace at teardown in any process's output."""
-        code = self.wait()
-        assert code not in (-6, 134), f"{self.name} aborted (SIGABRT):\n{self.tail()}"
-        assert code == 0, f"{self.name} exited {code}:\n{self.tail()}"
-        for marker in ("Traceback", "terminate called", "core dumped", "Fatal Python error"):
-            assert marker not in self.stderr + self.stdout, f"{self.name} printed {marker!r}:\n{self.tail()}"
 
 
 def losses(output_dir: Path) -> tuple[list[float], list[float]]:
@@ -107,20 +43,11 @@ def files_under(directory: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def run_config(tiny_model, corpus_docs, tmp_path_factory) -> Path:
-    """A main.py YAML for a 6-step run of the tiny model; output_dir is relative to the cwd."""
-    directory = tmp_path_factory.mktemp("multiprocess")
-    corpus = directory / "train.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in corpus_docs), encoding="utf-8")
-    settings = {
-        "model_name_or_path": tiny_model, "train_file": str(corpus), "output_dir": "out",
-        "max_seq_length": 64, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
-        "max_steps": STEPS, "save_steps": 3, "eval_steps": 3, "logging_steps": 1, "learning_rate": 1e-3,
-        "warmup_steps": 0, "max_eval_samples": 8, "per_device_eval_batch_size": 2,  # 8 = 2 processes x 2 x 2: no padding
-        "report_to": "none", "max_new_tokens": 0, "eval_before_training": False,
-    }  # fmt: skip
-    path = directory / "run.yaml"
-    path.write_text(yaml.safe_dump(settings), encoding="utf-8")
-    return path
+    """A main.py YAML for a 6-step run of the tiny model; output_dir is relative to the cwd.
+    max_eval_samples 8 = 2 processes x 2 x 2: no padding."""
+    return tiny_run_config(
+        tmp_path_factory.mktemp("multiprocess"), tiny_model, corpus_docs, max_steps=STEPS, save_steps=3, eval_steps=3
+    )  # fmt: skip
 
 
 def test_two_processes_match_one_process(run_config, tmp_path):
@@ -160,7 +87,9 @@ def test_two_nodes_train_together_and_only_the_main_process_writes(run_config, t
     extra = ["--report_to", "tensorboard"]  # the same extra flags on both nodes
     nodes = [
         Launch(
-            f"node{rank}", ["bash", str(ROOT / f"run_node{rank}.sh"), *extra], tmp_path / f"node{rank}",
+            f"node{rank}",
+            ["bash", str(ROOT / f"run_node{rank}.sh"), *extra],
+            tmp_path / f"node{rank}",
             launcher_env(**settings, TUNER_TOKEN_CACHE=str(tmp_path / f"tokens{rank}")),
         )  # fmt: skip
         for rank in (0, 1)
