@@ -24,7 +24,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import TextIO
 
@@ -75,13 +75,20 @@ def read_requirements(path: Path = REQUIREMENTS) -> list:
     return [Requirement(line) for line in lines if line]
 
 
+@cache
+def installed_modules() -> Mapping[str, list[str]]:
+    """{top-level module: the distributions that install it}; reading every package's metadata
+    takes ~0.15 s, so once."""
+    return importlib.metadata.packages_distributions()
+
+
 def module_of(distribution: str) -> str | None:
     """The top-level module a distribution installs (PyYAML -> yaml), None if it installs none."""
     from packaging.utils import canonicalize_name
 
     wanted = canonicalize_name(distribution)
     modules = sorted(
-        module for module, dists in importlib.metadata.packages_distributions().items()
+        module for module, dists in installed_modules().items()
         if any(canonicalize_name(d) == wanted for d in dists) and not module.startswith("_")
     )  # fmt: skip
     same = wanted.replace("-", "_")
