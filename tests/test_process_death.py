@@ -116,17 +116,16 @@ def test_a_killed_process_ends_a_one_machine_run_and_the_same_command_resumes(ru
     assert_resumed_and_finished(rerun, out, latest)
 
 
-def two_nodes(
-    tmp_path: Path, run_config: Path, port: int, name: str, *extra: str, token_caches: list[Path] | None = None
-) -> list[Launch]:
+def two_nodes(tmp_path: Path, run_config: Path, port: int, name: str, *extra: str) -> list[Launch]:
     """run_node0.sh and run_node1.sh on 127.0.0.1, one CPU process each, with the same extra flags;
-    by default they share the token cache, as machines sharing storage."""
+    each machine has its own token cache, tmp_path/tokens0 and tokens1 (each local main process
+    builds one, and a rerun reuses it)."""
     env = launcher_env(CONFIG=str(run_config), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NPROC_PER_NODE="1")
     nodes = []
     for rank in (0, 1):
-        cache = {"TUNER_TOKEN_CACHE": str(token_caches[rank])} if token_caches else {}
         command = ["bash", str(ROOT / f"run_node{rank}.sh"), *extra]
-        nodes.append(Launch(f"{name}{rank}", command, tmp_path / f"node{rank}", {**env, **cache}))
+        machine = {**env, "TUNER_TOKEN_CACHE": str(tmp_path / f"tokens{rank}")}
+        nodes.append(Launch(f"{name}{rank}", command, tmp_path / f"node{rank}", machine))
     return nodes
 
 
@@ -155,16 +154,15 @@ def test_a_killed_process_ends_a_two_machine_run_and_the_same_commands_resume(vi
 
 
 def test_a_process_killed_while_preparing_data_ends_the_other_machine(tiny_model, corpus_docs, tmp_path, launches):
-    """The worker machine's process dies while it tokenizes (each machine has its own token cache).
+    """The worker machine's process dies while it tokenizes.
     Had the processes not joined the process group yet, the main machine's process would wait for
     it at the join for --ddp_timeout (7200 s); joined, it finds the closed connection at the first
     collective after its own data phase."""
     config = tiny_run_config(tmp_path, tiny_model, corpus_docs * 10, max_steps=STEPS)  # ~2 s of tokenizing
-    caches = [tmp_path / "tokens0", tmp_path / "tokens1"]
-    launches.extend(nodes := two_nodes(tmp_path, config, free_port(), "node", token_caches=caches))
+    launches.extend(nodes := two_nodes(tmp_path, config, free_port(), "node"))
 
-    deadline = time.monotonic() + 180
-    while not ((pid := nodes[1].worker_pid(1)) and caches[1].is_dir() and any(caches[1].iterdir())):
+    deadline, cache = time.monotonic() + 180, tmp_path / "tokens1"
+    while not ((pid := nodes[1].worker_pid(1)) and cache.is_dir() and any(cache.iterdir())):
         assert time.monotonic() < deadline and nodes[1].proc.poll() is None, nodes[1].tail()
         time.sleep(0.02)
     os.kill(pid, signal.SIGKILL)
