@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tiny
 
 from tuner import grouping
 
@@ -18,19 +19,7 @@ DOCS = [
 
 
 def build_tokenizer(bos: str | None = "<bos>", eos: str | None = "<eos>"):
-    """A byte-level BPE, so any unicode text round-trips; trained in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    backend.train_from_iterator(DOCS * 5, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token=bos, eos_token=eos)
+    return tiny.build_tokenizer(DOCS * 5, vocab=300, bos=bos, eos=eos)
 
 
 @pytest.fixture(scope="module")

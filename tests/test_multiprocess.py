@@ -84,7 +84,8 @@ def test_two_nodes_train_together_and_only_the_main_process_writes(run_config, t
     # Each node runs in its own directory with the relative output_dir "out": as on two machines
     # without shared storage, whatever a node writes lands in its own directory.
     settings = dict(CONFIG=str(run_config), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NPROC_PER_NODE="1")
-    extra = ["--report_to", "tensorboard"]  # the same extra flags on both nodes
+    # the same extra flags on both nodes; evaluation before training on, as by default
+    extra = ["--report_to", "tensorboard", "--eval_before_training", "true"]
     nodes = [
         Launch(
             f"node{rank}",
@@ -102,6 +103,8 @@ def test_two_nodes_train_together_and_only_the_main_process_writes(run_config, t
                  "eval_results.json", "run_config.yaml", "checkpoint-3/model.safetensors", "checkpoint-6/optimizer.pt"):  # fmt: skip
         assert name in main_files, f"node 0 did not write {name}: {sorted(main_files)}"
     assert any(f.startswith("runs/") for f in main_files), "node 0 wrote no tensorboard log"
+    for rank in (0, 1):  # nothing beside output_dir in the working directory (TensorBoard's ./runs once)
+        assert not (tmp_path / f"node{rank}" / "runs").exists(), f"node {rank} wrote ./runs"
     assert len(losses(tmp_path / "node0/out")[0]) == STEPS
     # The worker writes only its own RNG state into each checkpoint (Trainer does this on every
     # process, so a resumed run restores each process's random stream); nothing else.

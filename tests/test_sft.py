@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from tiny import SFT_FORMATS, as_format, qa_pairs, write_rows
 
 import main as entry
+from launch import free_port
 from tuner import chat_template, sources, training
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -186,14 +187,6 @@ def test_eval_loss_of_two_processes_equals_one(tiny_model, data_dir, tmp_path, j
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((two / "eval_results.json").read_text())
     assert one["eval"]["eval_loss"] == pytest.approx(result["eval_loss"], rel=1e-6)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- resume

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 import main as entry
+from launch import free_port
 from tuner import estimate
 from tuner.config import parse_args
 from tuner.data import ChunkDataset
@@ -69,12 +69,6 @@ def test_one_process_dry_run_steps_equal_the_trained_run(tiny_model, write_corpu
     result = entry.main(args)
     assert planned["total_steps"] == saved_max_steps(tmp_path / "out") == result["summary"]["global_step"]
     assert planned["total_steps"] == 10  # 50 chunks: 17 batches of 3 -> ceil(17 / 4) = 5 steps per epoch, 2 epochs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_process_dry_run_steps_equal_the_trained_run(tiny_model, write_corpus, tmp_path):

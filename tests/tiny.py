@@ -15,7 +15,9 @@ def training_text() -> list[str]:
     return list(topics.values())
 
 
-def build_tokenizer():
+def build_tokenizer(texts: list[str] | None = None, vocab: int = VOCAB, bos: str | None = "<bos>", eos: str | None = "<eos>"):
+    """A byte-level BPE trained in milliseconds (on `texts`, CPython's reference docs by default);
+    `bos`/`eos` None builds one without that marker."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -24,12 +26,10 @@ def build_tokenizer():
     backend.decoder = decoders.ByteLevel()
     # Every byte in the alphabet: any unicode text encodes and decodes exactly.
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab, special_tokens=SPECIALS, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    backend.train_from_iterator(training_text(), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
+    backend.train_from_iterator(training_text() if texts is None else texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token=eos, bos_token=bos, unk_token="<unk>")
 
 
 def build_model(vocab_size: int, seed: int = 0):
