@@ -18,7 +18,8 @@ SECRETS = {"HF_TOKEN": "hf_DefaultsTestSecret123", "WANDB_API_KEY": "wandbDefaul
 
 
 def files_under(directory: Path) -> set[Path]:
-    skip = {directory / ".venv", directory / ".git"}  # the environment itself, and git's own files
+    # the environment, git's own files, and where the user's own runs write (other runs may be going on)
+    skip = {directory / name for name in (".venv", ".git", "outputs", "data")}
     return {p for p in directory.rglob("*") if p.is_file() and not skip.intersection(p.parents)}
 
 
