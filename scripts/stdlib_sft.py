@@ -4,11 +4,14 @@ of its docstring, for the public functions, classes and methods of a list of sta
     python scripts/stdlib_sft.py data/stdlib_sft      # -> train.jsonl, validation.jsonl, one {"messages": [...]} a line
 
 Validation holds out whole modules (a module is held out when a hash of its name falls under
---validation_fraction), so held-out questions are about modules the model never trained on; the same
-Python gives the same files, byte for byte. Docstrings that say nothing are skipped: none, inherited
+--validation_fraction), so held-out questions are about modules the model never trained on; its rows are
+interleaved across modules, so its first rows sample every held-out module. The same Python gives the same
+files, byte for byte. Docstrings that say nothing are skipped: none, inherited
 from a base class, a bare signature line with nothing after it, boilerplate ("Initialize self.  See
 help(type(self))..."), under MIN_WORDS words. Long first paragraphs keep their first sentences up to
-MAX_CHARS characters. The answers are Python's own documentation, so the set needs no download.
+MAX_CHARS characters. The answers are Python's own documentation, so the set needs no download. Run it in
+a process of its own (as here): packages imported first can patch the standard library (torch replaces
+inspect.getfile, transformers adds logging.Logger.warning_once), and their additions are left out.
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ def methods(qualified: str, cls) -> list[tuple[str, str]]:
         if name.startswith("_"):
             continue
         function = member.__func__ if isinstance(member, (classmethod, staticmethod)) else member
+        home = getattr(function, "__module__", None)
+        if home is not None and home.split(".")[0] not in (cls.__module__.split(".")[0], "") and not home.startswith("_"):
+            continue  # patched in by a third-party package (transformers adds logging.Logger.warning_once)
         if inspect.isroutine(function):
             answer = first_paragraph(own_doc(function, owner=cls))
             if answer:
@@ -151,6 +157,19 @@ def build(modules: list[str], validation_fraction: float) -> tuple[list[dict], l
     return train, validation
 
 
+def interleaved(rows: list[dict]) -> list[dict]:
+    """Rows taken from each module in turn (the first of every module, then the second, ...), so that the
+    first N rows (main.py's --max_eval_samples) sample every held-out module, not only the first one."""
+    by_module: dict[str, list[dict]] = {}
+    for row in rows:
+        by_module.setdefault(row["module"], []).append(row)
+    queues = list(by_module.values())
+    out = []
+    for depth in range(max(map(len, queues), default=0)):
+        out += [queue[depth] for queue in queues if depth < len(queue)]
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as handle:
         for row in rows:
@@ -166,7 +185,7 @@ def main(argv: list[str] | None = None) -> tuple[Path, Path]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "validation.jsonl", validation)
+    write_jsonl(out / "validation.jsonl", interleaved(validation))
     held = sorted({row["module"] for row in validation})
     print(f"wrote {len(train)} training and {len(validation)} validation examples to {out} (held-out modules: {', '.join(held)})")
     return out / "train.jsonl", out / "validation.jsonl"

@@ -244,8 +244,11 @@ def test_the_saved_model_answers_in_plain_transformers_and_stops_at_end_of_turn(
     question, answer = "What does json.dumps do?", "Serialize obj to a JSON str."
     train = write_rows(tmp_path / "one.jsonl", as_format([(question, answer)] * 64, "messages"))
     out = tmp_path / "out"
-    entry.main(sft_args(tiny_model, out, "--train_file", train, "--validation_split_percentage", "0", "--max_steps", "40",
-                        "--learning_rate", "5e-3", "--max_new_tokens", "0"))  # fmt: skip
+    metrics = entry.main(sft_args(tiny_model, out, "--train_file", train, "--validation_split_percentage", "0", "--max_steps",
+                                  "40", "--learning_rate", "5e-3", "--max_new_tokens", "40", "--sample_prompts", question))  # fmt: skip
+    # main's own samples: the question as a user turn, the answer ending at the turn's end (no repetition
+    # penalty on the prompt's <end_of_turn>)
+    assert metrics["samples"] == [{"prompt": question, "completion": answer, "chat": True}]
     tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": question}], add_generation_prompt=True, return_tensors="pt", return_dict=True

@@ -43,12 +43,22 @@ def generate_samples(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         inputs = inputs.to(model.device)
         with torch.no_grad():
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.3,
-                pad_token_id=tokenizer.pad_token_id,
+                **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                **repetition_penalty(1.3, inputs["input_ids"].shape[1] if chat else None),
             )  # fmt: skip
         text = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         samples.append({"prompt": prompt, "completion": text, **({"chat": True} if chat else {})})
     return samples
+
+
+def repetition_penalty(penalty: float, prompt_length: int | None) -> dict:
+    """generate() keyword arguments that discourage loops. With a prompt_length (a chat prompt) the prompt's
+    tokens are not penalised: it ends with the <end_of_turn> that should also end the answer."""
+    if prompt_length is None:
+        return {"repetition_penalty": penalty}
+    from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    return {"logits_processor": LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length)])}
 
 
 def save_json(path: Path, payload) -> None:
