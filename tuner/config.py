@@ -69,12 +69,21 @@ class DataOptions:
     train_file: str | None = _opt(None, "Local training file: .json, .jsonl, .csv, .txt or .parquet.")
     validation_file: str | None = _opt(None, "Local validation file (same formats as --train_file).")
     text_column: str = _opt("text", "Column that holds the text.")
-    max_seq_length: int = _opt(2048, "Tokens per training chunk; documents are concatenated and split into chunks.")
-    validation_split_percentage: int = _opt(
-        5, "Percent of training documents held out for evaluation when there is no validation data; 0 skips eval."
+    max_seq_length: int = _opt(
+        2048, "Tokens per training row: running text is concatenated and cut into chunks of this length; chat and "
+        "instruction examples are packed into rows of at most this many (a longer example: see --overlong)."
     )
-    max_train_samples: int | None = _opt(None, "Keep at most this many training chunks (for quick runs).")
-    max_eval_samples: int | None = _opt(None, "Keep at most this many evaluation chunks.")
+    validation_split_percentage: int = _opt(
+        5, "Percent of training rows held out for evaluation when there is no validation data (the same rows, "
+        "seeded by --seed, in memory or streamed); 0 skips eval."
+    )
+    max_train_samples: int | None = _opt(
+        None, "Keep at most this many training chunks (running text) or examples (chat/instruction data; a pass, "
+        "when streamed). For quick runs."
+    )
+    max_eval_samples: int | None = _opt(
+        None, "Keep at most this many evaluation chunks or examples (the first ones). Streamed: 200 when not given."
+    )
     preprocessing_num_workers: int | None = _opt(None, "Threads for tokenization. Default: all cores.")
     streaming: bool = _opt(False, "Read the data as a stream, tokenizing and chunking on the fly (needs --max_steps).")
     cache_dir: str | None = _opt(None, "Where tokenized data is cached. Default: ~/.cache/tuner/tokens.")

@@ -25,7 +25,7 @@ import numpy as np
 from . import formats, grouping, sources, token_cache
 from .errors import UsageError
 from .formats import Columns, FormatChoice
-from .sources import Opened, OpenSource, file_problems, source_problems  # noqa: F401  (validate.py's checks)
+from .sources import Opened, OpenSource
 from .torch_data import ChunkDataset, Datasets  # noqa: F401  (the types callers import from here)
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import math
 import os
 import random
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -241,10 +240,6 @@ def stream_records(rows, state: dict, first_row: int):
         yield index, state, row
         index += 1
         state = rows.state_dict()
-
-
-def peek(rows, n: int) -> list[dict]:
-    return list(islice(iter(rows), n))
 
 
 # ---------------------------------------------------------------- the hold-out rule

@@ -9,7 +9,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from . import data, models
+from . import models, sources
 from .errors import UsageError
 
 POSITIVE = (
@@ -117,7 +117,7 @@ def reporters(cfg) -> list[str]:
 
 
 def path_problems(cfg) -> list[str]:
-    problems = data.source_problems(cfg) + models.offline_problems(cfg.model_name_or_path)
+    problems = sources.source_problems(cfg) + models.offline_problems(cfg.model_name_or_path)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--output_dir {cfg.output_dir}: exists and is a file. Give a directory path.")
