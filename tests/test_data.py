@@ -71,8 +71,8 @@ def test_unicode_text_round_trips(tmp_path, tokenizer):
 
 def test_cache_is_reused_and_rebuilt_when_inputs_change(write_corpus, tmp_path, tokenizer, monkeypatch, corpus_docs):
     calls = []
-    real = grouping.tokenize_stream
-    monkeypatch.setattr(grouping, "tokenize_stream", lambda tok, texts, threads=None: calls.append(len(texts)) or real(tok, texts, threads))
+    real = grouping.tokenize_documents
+    monkeypatch.setattr(grouping, "tokenize_documents", lambda tok, texts, threads=None: calls.append(len(texts)) or real(tok, texts, threads))
     path = write_corpus("jsonl")
     data.cached_chunks(cfg_for(path, tmp_path), tokenizer)
     assert len(calls) == 2  # train and validation
@@ -89,7 +89,7 @@ def test_waiting_ranks_reuse_the_main_process_cache(write_corpus, tmp_path, toke
     cfg = cfg_for(write_corpus("jsonl"), tmp_path)
     built = data.cached_chunks(cfg, tokenizer)
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(grouping, "tokenize_stream", lambda *a: pytest.fail("a non-main rank tokenized"))
+    monkeypatch.setattr(grouping, "tokenize_documents", lambda *a: pytest.fail("a non-main rank tokenized"))
     again = data.cached_chunks(cfg, tokenizer)
     assert np.array_equal(np.asarray(again["train"]), np.asarray(built["train"]))
 

@@ -183,7 +183,24 @@ CASES = [
         lambda d: ["--teacher_model_name_or_path", str(d / "no-teacher")],
         ["--teacher_model_name_or_path", "no-teacher", "cannot be loaded"],
     ),
+    # several training sources (tuner/source_specs.py)
+    ("mix weights that do not match the files", lambda d: ["--train_file", *two_files(d), "--mix_weights", "3"], ["--mix_weights 3", "1 weight(s) for 2 --train_file files", "--mix_weights 1 1"]),
+    ("mix weight that is zero", lambda d: ["--train_file", *two_files(d), "--mix_weights", "1", "0"], ["--mix_weights 1 0", "b.jsonl is 0.0", "positive"]),
+    ("mix entry with an unknown key", lambda d: mix(d, {"name": "docs", "path": two_files(d)[0], "wieght": 2}), ["datasets entry 0 (docs)", "unknown key 'wieght'", "Did you mean 'weight'"]),
+    ("mix entry whose path is missing", lambda d: mix(d, {"name": "docs", "path": str(d / "nope.jsonl")}), ["datasets[docs] path", "nope.jsonl", "no such file"]),
+    ("mix entry with a negative weight", lambda d: mix(d, {"name": "docs", "path": two_files(d)[0], "weight": -1}), ["datasets entry 0 (docs)", "weight -1", "positive"]),
+    ("two mixed sources with one name", lambda d: mix(d, *({"name": "x", "path": p} for p in two_files(d))), ["two sources are named 'x'", "own name"]),
+    ("mixture from influence without influence", lambda d: ["--train_file", *two_files(d), "--mixture_from_influence"], ["--mixture_from_influence", "needs --influence"]),
 ]
+
+
+def two_files(directory: Path) -> list[str]:
+    return [jsonl(directory / f"{name}.jsonl", [{"text": "hello"}]) for name in ("a", "b")]
+
+
+def mix(directory: Path, *entries: dict) -> list[str]:
+    """--datasets given in a YAML file (--config), as users write it; --train_file cleared."""
+    return ["--train_file", "", "--config", write(directory / "mix.yaml", json.dumps({"datasets": list(entries)}))]
 
 
 @pytest.fixture

@@ -58,6 +58,14 @@ class ModelOptions:
     )
 
 
+class OneOrMore(argparse.Action):
+    """nargs="+" that stores one value as itself and several as a list: `--train_file x` stays the string
+    it always was (in the Config and run_config.yaml); `--train_file a b` gives a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
 @dataclass
 class DataOptions:
     _argument_group_name = "data"
@@ -66,7 +74,11 @@ class DataOptions:
         None, "Hub dataset name. With neither this nor --train_file: wikitext (config wikitext-2-raw-v1)."
     )
     dataset_config_name: str | None = _opt(None, "Hub dataset config, e.g. wikitext-2-raw-v1.")
-    train_file: str | None = _opt(None, "Local training file: .json, .jsonl, .csv, .txt or .parquet.")
+    # Several files on the command line arrive as a list (OneOrMore); one file stays a plain string, as before.
+    train_file: str | None = _opt(
+        None, "Local training file: .json, .jsonl, .csv, .txt or .parquet. Several files mix them (see --mix_weights).",
+        nargs="+", action=OneOrMore,
+    )
     validation_file: str | None = _opt(None, "Local validation file (same formats as --train_file).")
     text_column: str = _opt("text", "Column that holds the text.")
     max_seq_length: int = _opt(
@@ -110,6 +122,29 @@ class DataOptions:
     overlong: str = _opt(
         "truncate", "Chat/instruction examples longer than --max_seq_length: truncate (keep the start) or drop.",
         choices=["truncate", "drop"],
+    )
+    # --- several training sources in chosen proportions (tuner/source_specs.py, tuner/mix_data.py) ---
+    datasets: str | None = _opt(
+        None, "Training sources to mix, each with its own format and columns. In YAML a list of mappings with keys "
+        "name, path (a local file or directory) or dataset_name (hub), dataset_config_name, split, text_column, "
+        "data_format (and the other *_column options), weight (default 1), validation_path; on the command line the "
+        "same list as JSON. Instead of --train_file/--dataset_name.",
+    )
+    mix_weights: list[float] | None = _opt(
+        None, "One weight per --train_file (e.g. --train_file a.jsonl b.jsonl --mix_weights 3 1): each file's share "
+        "of the training stream. Default: equal weights."
+    )
+    mix_unit: str = _opt(
+        "tokens", "What the weights are shares of: tokens (trained tokens) or examples (training rows: a chunk of "
+        "running text, a packed row of chat examples).", choices=["tokens", "examples"],
+    )
+    mix_exhausted: str = _opt(
+        "restart", "When a mixed source runs out: restart it (its next pass, reshuffled; the proportions hold for the "
+        "whole run) or stop the run once it is due again (no row is repeated).", choices=["restart", "stop"],
+    )
+    mixture_from_influence: bool = _opt(
+        False, "With --influence and several sources: write {output_dir}/influence/mixture.yaml, new source weights "
+        "from each source's summed influence, to pass as the next run's --config."
     )
 
 
@@ -270,6 +305,8 @@ def _check_yaml_value(parser: HfArgumentParser, key: str, value: Any) -> Any:
     action = parser._option_string_actions[f"--{key}"]  # argparse keeps no public index of options
     if value is None or isinstance(value, (dict, bool)):
         return value
+    if key == "datasets" and isinstance(value, list):
+        return value  # a list of source mappings, checked with the other options (tuner/source_specs.py)
     if isinstance(value, list):
         if action.nargs not in ("+", "*") and key != "report_to":  # a list is report_to's own form
             raise ValueError("a single value, not a list")
@@ -389,7 +426,7 @@ DEFAULT_DATASET = ("wikitext", "wikitext-2-raw-v1")
 
 def with_default_dataset(cfg):
     """`python main.py --bf16` fine-tunes on wikitext-2: the hub dataset used when no data is named."""
-    if not cfg.train_file and not cfg.dataset_name and not cfg.validation_file:
+    if not cfg.train_file and not cfg.dataset_name and not cfg.validation_file and not getattr(cfg, "datasets", None):
         cfg.dataset_name, cfg.dataset_config_name = DEFAULT_DATASET
     return cfg
 

@@ -2,6 +2,7 @@
 
 Every run's data goes through `build_datasets(cfg, tokenizer)`:
 
+    source_specs / mix_data   several sources (--datasets, several --train_file): each built as below, then mixed
     sources.open_sources      open the hub dataset or files (streamed or not); the hold-out rule
     choose_format             --data_format, or auto from the columns (logged with the reason)
     text, in memory           here: documents -> grouping.py chunks -> token cache
@@ -11,18 +12,20 @@ Every run's data goes through `build_datasets(cfg, tokenizer)`:
 Running text in memory: the rows of --text_column are documents (empty ones skipped); without validation
 data, the rows sources.HoldOut picks are held out (the same rows a streamed run holds out). Each split is
 tokenised, grouped into fixed-length chunks and cached (token_cache.py), so a rerun starts training
-within seconds.
+within seconds. The cache also keeps where each document starts in the token stream and its row in the
+source, so `Datasets.describe()` can say which rows each chunk holds (describe.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from . import formats, grouping, sources, token_cache
+from . import describe, formats, grouping, sources, token_cache
 from .errors import UsageError
 from .formats import Columns, FormatChoice
 from .sources import Opened, OpenSource
@@ -33,9 +36,18 @@ logger = logging.getLogger(__name__)
 
 def build_datasets(cfg, tokenizer) -> Datasets:
     """Training and evaluation data of any format, in memory or streamed; reads rows only as needed."""
+    from . import mix_data, source_specs
+
+    specs = source_specs.specs_from_options(cfg)
+    if specs is not None:  # --datasets, or several --train_file
+        return mix_data.build_mix(cfg, tokenizer, specs)
+    return build_source(cfg, tokenizer, sources.open_sources(cfg, cfg.streaming))
+
+
+def build_source(cfg, tokenizer, opened: Opened) -> Datasets:
+    """One training source's datasets (and its evaluation data), any format, in memory or streamed."""
     from . import sft_data, sft_stream, streaming
 
-    opened = sources.open_sources(cfg, cfg.streaming)
     choice = choose_format(cfg, opened)
     if choice.format == "text":
         build = streaming.build_text_stream if cfg.streaming else build_text
@@ -97,29 +109,34 @@ def non_empty(texts) -> list[str]:
     return [t for t in texts if t is not None and t.strip()]
 
 
-def text_splits(cfg, opened: Opened) -> tuple[list[str], list[str]]:
-    """(training documents, validation documents): the validation source's, else the held-out rows'."""
+def documents_of(texts, keep=None) -> tuple[list[str], list[int]]:
+    """(the non-empty texts, their row indices) among the rows `keep` (a bool mask) marks, all rows if None."""
+    rows = [i for i, t in enumerate(texts) if t is not None and t.strip() and (keep is None or keep[i])]
+    return [texts[i] for i in rows], rows
+
+
+def text_splits(cfg, opened: Opened) -> dict[str, tuple[list[str], list[int]]]:
+    """{'train': (documents, their rows), 'validation': ...}: the validation source's, else the held-out rows'."""
     source, auto = opened.train[0], cfg.data_format == "auto"
     texts = texts_of(source, cfg.text_column, auto)
     if not non_empty(texts):
         raise UsageError(f"--text_column {cfg.text_column}: every row of {source.source.name} is empty. Give a file with text in it.")
     if opened.validation is not None:
-        val = non_empty(texts_of(opened.validation, cfg.text_column))
-        if not val:
+        val = documents_of(texts_of(opened.validation, cfg.text_column))
+        if not val[0]:
             raise UsageError(f"--text_column {cfg.text_column}: every row of {opened.validation.source.name} is empty.")
-        return non_empty(texts), val
+        return {"train": documents_of(texts), "validation": val}
     if not opened.held_out_percent:
-        return non_empty(texts), []
+        return {"train": documents_of(texts), "validation": ([], [])}
     held = opened.hold_out.mask(len(texts))
-    train = non_empty(t for t, h in zip(texts, held) if not h)
-    val = non_empty(t for t, h in zip(texts, held) if h)
-    if not train or not val:
+    train, val = documents_of(texts, ~held), documents_of(texts, held)
+    if not train[0] or not val[0]:
         raise UsageError(
             f"--validation_split_percentage {opened.held_out_percent}: {source.source.name} has only {len(texts)} row(s), "
             "too few to hold some out and train on the rest. Pass --validation_file, or --validation_split_percentage 0 "
             "to skip evaluation."
         )
-    return train, val
+    return {"train": train, "validation": val}
 
 
 def too_short_check(split: str, n_tokens: int, seq_len: int) -> None:
@@ -132,16 +149,19 @@ def too_short_check(split: str, n_tokens: int, seq_len: int) -> None:
 
 
 def _build_chunks(work: Path, cfg, tokenizer, opened: Opened) -> None:
-    train, val = text_splits(cfg, opened)  # read the rows only now: a cache hit never needs them
-    for split, texts in (("train", train), ("validation", val)):
+    splits = text_splits(cfg, opened)  # read the rows only now: a cache hit never needs them
+    for split, (texts, rows) in splits.items():
         if not texts:
             continue
         started = time.time()
         logger.info("Tokenizing %d %s documents into %d-token chunks", len(texts), split, cfg.max_seq_length)
-        stream = grouping.tokenize_stream(tokenizer, texts, cfg.preprocessing_num_workers)
+        stream, lengths = grouping.tokenize_documents(tokenizer, texts, cfg.preprocessing_num_workers)
         too_short_check(split, len(stream), cfg.max_seq_length)
         chunks = grouping.chunk(stream, cfg.max_seq_length)
         np.save(work / f"{split}.npy", chunks)
+        # Where each document starts in the stream, and its row: which rows a chunk holds (describe.py).
+        np.save(work / f"{split}.doc_starts.npy", np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
+        np.save(work / f"{split}.doc_rows.npy", np.asarray(rows, dtype=np.int64))
         rate = len(stream) / max(time.time() - started, 1e-9)
         logger.info("  %s: %d tokens -> %d chunks (%.0f tokens/s)", split, len(stream), len(chunks), rate)
 
@@ -154,11 +174,13 @@ def cache_key(cfg, opened: Opened, tokenizer) -> str:
 
 
 def cached_chunks(cfg, tokenizer, opened: Opened | None = None) -> dict[str, np.ndarray]:
-    """{'train': (N, T) int32, 'validation': (M, T) or absent}, built once and memory-mapped after."""
+    """{'train': (N, T) int32, 'validation': (M, T) or absent, 'train.doc_starts', 'train.doc_rows': (D,)
+    int64}, built once and memory-mapped after."""
     opened = opened or sources.open_sources(cfg, streaming=False)
     directory = token_cache.root(cfg.cache_dir) / cache_key(cfg, opened, tokenizer)
     token_cache.build_once(directory, lambda work: _build_chunks(work, cfg, tokenizer, opened))
-    return {s: np.load(directory / f"{s}.npy", mmap_mode="r") for s in ("train", "validation") if (directory / f"{s}.npy").exists()}
+    names = ("train", "validation", "train.doc_starts", "train.doc_rows")
+    return {s: np.load(directory / f"{s}.npy", mmap_mode="r") for s in names if (directory / f"{s}.npy").exists()}
 
 
 def build_text(cfg, tokenizer, opened: Opened) -> Datasets:
@@ -167,9 +189,11 @@ def build_text(cfg, tokenizer, opened: Opened) -> Datasets:
     val = chunks.get("validation")
     if val is not None and cfg.max_eval_samples:
         val = val[: cfg.max_eval_samples]
+    starts, rows = np.asarray(chunks["train.doc_starts"]), np.asarray(chunks["train.doc_rows"])
     return Datasets(
         train=ChunkDataset(train),
         eval=ChunkDataset(val) if val is not None and len(val) else None,
         train_tokens=int(train.size),
         eval_tokens=int(val.size) if val is not None else 0,
+        describer=partial(describe.text_chunks, train, starts, rows, tokenizer, source=opened.train[0].source.name),
     )

@@ -243,7 +243,7 @@ def format_report(cfg, numbers: dict) -> str:
     if "influence" in m:
         memory.append(("influence", m["influence"], "reference gradient, + a reference batch's activations beyond a step's"))
     memory.append(("total", m["total"], ""))
-    lines = ["Derived numbers:"] + [f"  {name:<28}{value}" for name, value in facts] + sft_lines(n)
+    lines = ["Derived numbers:"] + [f"  {name:<28}{value}" for name, value in facts] + sft_lines(n) + mix_lines(n)
     lines.append("Peak memory per device: an ESTIMATE, not a measurement (add ~1 GiB for CUDA context and allocator):")
     lines += [f"  {name:<28}{size(b):>10}  {note}".rstrip() for name, b, note in memory]
     lines.append(
@@ -264,7 +264,7 @@ def sft_lines(numbers: dict) -> list[str]:
     """Chat/instruction data: what tokenising kept, dropped and cut, how full the rows are, and the first
     examples with their trained tokens between [[ and ]]."""
     f = numbers.get("data_figures") or {}
-    if numbers.get("data_format", "text") == "text" or not f:
+    if numbers.get("data_format", "text") == "text" or not f or "sources" in f:  # a mix: mix_lines
         return []
     lines = [f"Data ({numbers['data_format']}):"]
     for split in ("train", "validation"):
@@ -282,6 +282,29 @@ def sft_lines(numbers: dict) -> list[str]:
         )
     if numbers.get("preview"):
         lines.append("First training examples, trained tokens between [[ and ]]:")
+        lines += [f"  --- example {i}\n{text}" for i, text in enumerate(numbers["preview"])]
+    return lines
+
+
+def mix_lines(numbers: dict) -> list[str]:
+    """Several sources (mix_data.py): each one's weight and share, format, rows and tokens, and what this run takes."""
+    f = numbers.get("data_figures") or {}
+    if "sources" not in f:
+        return []
+    mix, weights = f["mix"], sum(s["weight"] for s in f["sources"])
+    unit = "trained tokens" if mix["unit"] == "tokens" else "training rows"
+    lines = [f"Sources, mixed in proportions of {unit}; one that runs out "
+             f"{'restarts' if mix['exhausted'] == 'restart' else 'ends the run'} (--mix_exhausted {mix['exhausted']}):"]
+    for s in f["sources"]:
+        data = (f"{s['train_rows']:,} rows, {s['train_trained_tokens']:,} trained tokens" if s["train_rows"] is not None
+                else "streamed (sizes unknown until read)")  # fmt: skip
+        run = f"; this run: {s['run_trained_tokens']:,} trained tokens" if "run_trained_tokens" in s else ""
+        lines.append(f"  {s['name']:<20}weight {s['weight']:g} ({s['weight'] / weights:.1%}), {s['format']}: {data}; "
+                     f"eval {s['eval_rows']:,} rows, {s['eval_tokens']:,} tokens{run}")  # fmt: skip
+    if "epoch_rows" in mix:
+        lines.append(f"  {'rows':<20}an epoch of the mix {mix['epoch_rows']:,}; this run {mix['run_rows']:,}")
+    if numbers.get("preview") and numbers.get("data_format") != "text":
+        lines.append("First chat/instruction examples, trained tokens between [[ and ]]:")
         lines += [f"  --- example {i}\n{text}" for i, text in enumerate(numbers["preview"])]
     return lines
 

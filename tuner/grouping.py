@@ -37,6 +37,12 @@ def tokenize_and_group(tokenizer, texts: list[str], seq_len: int, num_threads: i
 
 def tokenize_stream(tokenizer, texts: list[str], num_threads: int | None = None) -> np.ndarray:
     """All texts as one separated token stream [BOS] doc0 [EOS] [BOS] doc1 [EOS] ...: (total_tokens,) int32."""
+    return tokenize_documents(tokenizer, texts, num_threads)[0]
+
+
+def tokenize_documents(tokenizer, texts: list[str], num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the separated token stream (total_tokens,) int32, each document's length in it (n_docs,) int64, BOS
+    and EOS included): the lengths say which documents a chunk holds (describe.chunk_rows)."""
     encode = _encoder(tokenizer, tokenizer.bos_token_id, tokenizer.eos_token_id)
     batches = list(text_batches(texts, BATCH_CHARS))
     threads = min(num_threads or available_cores(), len(batches))
@@ -46,7 +52,9 @@ def tokenize_stream(tokenizer, texts: list[str], num_threads: int | None = None)
         with ThreadPoolExecutor(threads) as pool:
             # in order, whatever order they finish in
             parts = list(progress(pool.map(encode, batches), len(batches), "Tokenizing"))
-    return np.concatenate(parts) if parts else np.empty(0, dtype=TOKEN_DTYPE)
+    if not parts:
+        return np.empty(0, dtype=TOKEN_DTYPE), np.empty(0, dtype=np.int64)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def chunk(stream: np.ndarray, seq_len: int) -> np.ndarray:
@@ -91,10 +99,12 @@ def document_ids(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def _encoder(tokenizer, bos_id: int | None, eos_id: int | None):
-    """A function: list of texts -> their separated stream (n,) int32."""
+    """A function: list of texts -> (their separated stream (n,) int32, each one's length in it (k,) int64)."""
+    extra = (bos_id is not None) + (eos_id is not None)
 
-    def encode(texts: list[str]) -> np.ndarray:
-        return join_documents(document_ids(tokenizer, texts), bos_id, eos_id)
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids = document_ids(tokenizer, texts)
+        return join_documents(ids, bos_id, eos_id), np.fromiter((len(d) + extra for d in ids), np.int64, len(ids))
 
     return encode
 

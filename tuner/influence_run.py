@@ -14,6 +14,7 @@ import random
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import TrainerCallback, default_data_collator
 
@@ -26,16 +27,18 @@ PREVIEW_TOKENS = 80  # decoded for an example's text preview; 200 characters of 
 
 
 class IndexedDataset(torch.utils.data.Dataset):
-    """A dataset whose items also carry their own index: the example id of a row."""
+    """A dataset whose items also carry their example id: the row's index, or the id the dataset gives it
+    (`dataset.example_id(index)`: a mix numbers each source's rows, and repeats a row under the same id)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.example_id = getattr(dataset, "example_id", None)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
-        return {**self.dataset[index], "example_id": index}
+        return {**self.dataset[index], "example_id": self.example_id(index) if self.example_id else index}
 
 
 class CollateWithIds:
@@ -137,12 +140,18 @@ def source_name(cfg) -> str:
 
 
 def preview(dataset, tokenizer, source: str):
-    """{example_id, source, rows, text} of each training row: its first tokens decoded. `rows` is left
-    empty where the dataset cannot say which source rows a training row came from."""
+    """{example_id, source, rows, text} of each training example, its first tokens decoded, for a dataset whose
+    Datasets bundle has no describe(). A packed row holds several examples, each with the id its tokens carry
+    (example_index), as the scorer sees them. `rows` is empty: the dataset cannot say which source rows an
+    example came from (Datasets.describe() can)."""
     for index in range(len(dataset)):
-        ids = dataset[index]["input_ids"][:PREVIEW_TOKENS]
-        text = tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
-        yield {"example_id": index, "source": source, "rows": [], "text": text[: influence_report.PREVIEW_CHARS]}
+        row = dataset[index]
+        members = np.asarray(row["example_index"]) if "example_index" in row else None
+        ids = np.asarray(row["input_ids"])
+        for example in [index] if members is None else np.unique(members[members >= 0]).tolist():
+            tokens = ids if members is None else ids[members == example]
+            text = tokenizer.decode(list(map(int, tokens[:PREVIEW_TOKENS])), skip_special_tokens=True)
+            yield {"example_id": example, "source": source, "rows": [], "text": text[: influence_report.PREVIEW_CHARS]}
 
 
 def gather(results: list[tuple], world_size: int) -> list[tuple]:

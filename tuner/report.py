@@ -134,6 +134,11 @@ def run_summary(cfg, trainer, results: dict) -> dict:
         "train_loss": train.get("train_loss"),
         **getattr(trainer, "data_figures", {}),  # SFT: examples kept, dropped and truncated, packing fill
     }
+    from .mixture import tokens_per_source
+
+    mixed = tokens_per_source(trainer)  # several sources: trained tokens the optimizer steps took from each
+    if mixed is not None:
+        summary["tokens_per_source"] = mixed
     for key, name in (("before_training", "before_training"), ("eval", "final")):
         if key in results:
             summary[f"eval_loss_{name}"] = results[key]["eval_loss"]
@@ -160,7 +165,8 @@ def finish(cfg, trainer, results: dict) -> dict:
     before = results.get("before_training", {}).get("eval_loss")
     summary = run_summary(cfg, trainer, results)
     model = Path(cfg.model_name_or_path).name if Path(cfg.model_name_or_path).is_dir() else cfg.model_name_or_path
-    data = Path(cfg.train_file).name if cfg.train_file else cfg.dataset_name
+    files = [cfg.train_file] if isinstance(cfg.train_file, str) else cfg.train_file or []
+    data = ", ".join(Path(f).name for f in files) or cfg.dataset_name or "a mix of sources"
     if plot_loss_curve(trainer.state.log_history, out / PLOT_NAME, before, title=f"{model} on {data}"):
         summary["loss_curve"] = str((out / PLOT_NAME).resolve())
     save_json(out / SUMMARY_NAME, summary)

@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-from . import chat_template, formats, grouping, packing, sources, token_cache
+from . import chat_template, describe, formats, grouping, packing, sources, token_cache
 from .errors import UsageError
 from .formats import Conversation, Example, FormatChoice, SftCounts
 from .sources import Opened, OpenSource
@@ -122,35 +123,39 @@ def read_examples(source: OpenSource, choice: FormatChoice) -> list[Example]:
     return formats.normalise_rows(rows, choice, source.source.name)
 
 
-def split_examples(opened: Opened, choice: FormatChoice) -> dict[str, list[Example]]:
-    """{'train': [...], 'validation': [...]}: the validation source's examples, else the held-out rows'."""
+def split_examples(opened: Opened, choice: FormatChoice) -> dict[str, tuple[list[Example], list[int]]]:
+    """{'train': (examples, their source rows), 'validation': ...}: the validation source's examples, else the
+    held-out rows'. A row is one example (formats.normalise_rows)."""
     examples = read_examples(opened.train[0], choice)
     if opened.validation is not None:
         val_choice = formats.detect_format(opened.validation.columns, choice.format, choice.columns)
-        return {"train": examples, "validation": read_examples(opened.validation, val_choice)}
+        val = read_examples(opened.validation, val_choice)
+        return {"train": (examples, list(range(len(examples)))), "validation": (val, list(range(len(val))))}
     mask = opened.hold_out.mask(len(examples))
     train = [e for e, held in zip(examples, mask) if not held]
     held_out = [e for e, held in zip(examples, mask) if held]
+    rows = {"train": np.flatnonzero(~mask).tolist(), "validation": np.flatnonzero(mask).tolist()}
     if opened.held_out_percent and (not train or not held_out):
         raise UsageError(
             f"--validation_split_percentage {opened.held_out_percent}: {opened.train[0].source.name} has only "
             f"{len(examples)} row(s), too few to hold some out and train on the rest. Pass --validation_file, or "
             "--validation_split_percentage 0 to skip evaluation."
         )
-    return {"train": train, "validation": held_out}
+    return {"train": (train, rows["train"]), "validation": (held_out, rows["validation"])}
 
 
 def _build(work: Path, tokenizer, opened: Opened, settings: SftSettings) -> None:
     """Read, validate and tokenise both splits into `work` (token_cache.build_once's build step)."""
     splits = split_examples(opened, settings.choice)
-    meta = {"chat": is_chat(splits["train"]) or is_chat(splits["validation"]), "counts": {}}
-    for split, examples in splits.items():
+    meta = {"chat": is_chat(splits["train"][0]) or is_chat(splits["validation"][0]), "counts": {}}
+    for split, (examples, rows) in splits.items():
         if not examples:
             continue
         logger.info("Tokenizing %d %s examples (%s)", len(examples), split, settings.choice.format)
         tokenized = tokenize(tokenizer, examples, settings)
         token_cache.save_ragged(work, f"{split}.input_ids", tokenized.input_ids)
         token_cache.save_ragged(work, f"{split}.labels", tokenized.labels)
+        np.save(work / f"{split}.rows.npy", np.asarray(rows, dtype=np.int64)[tokenized.rows])  # each kept example's row
         meta["counts"][split] = asdict(tokenized.counts)
         logger.info("  %s: %s", split, tokenized.counts.summary())
     token_cache.save_json(work / "meta.json", meta)
@@ -174,7 +179,7 @@ def build_in_memory(cfg, tokenizer, opened: Opened, choice: FormatChoice) -> Dat
     meta = token_cache.load_json(directory / "meta.json")
     if meta["chat"]:
         ensure_template(tokenizer, settings)  # on a cache hit too: the model is saved with it
-    figures, sets, shown = {"data_format": choice.format}, {}, []
+    figures, sets, shown, describer = {"data_format": choice.format}, {}, [], None
     for split, limit in (("train", cfg.max_train_samples), ("validation", cfg.max_eval_samples)):
         if split not in meta["counts"]:
             continue
@@ -188,11 +193,14 @@ def build_in_memory(cfg, tokenizer, opened: Opened, choice: FormatChoice) -> Dat
         sets[split] = arrange(ids, labels, settings)
         figures.update(split_figures(split, counts, ids, labels, len(sets[split]), settings))
         shown = shown or preview(tokenizer, ids, labels)
+        if split == "train":  # example k is example_index k of the packed rows, or row k of the padded ones
+            rows = np.load(directory / "train.rows.npy")[:n]
+            describer = partial(describe.examples, ids, rows, tokenizer, source=opened.train[0].source.name)
     return Datasets(
         train=sets["train"], eval=sets.get("validation"),
         train_tokens=figures["train_tokens_used"], eval_tokens=figures.get("validation_tokens_used", 0),
         format=choice.format, collator=collator(settings, tokenizer), packed=settings.packing, chat=meta["chat"],
-        figures=figures, preview=shown,
+        figures=figures, preview=shown, describer=describer,
     )  # fmt: skip
 
 

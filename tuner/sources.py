@@ -2,9 +2,9 @@
 dataset saved with `save_to_disk`, or a local .json/.jsonl/.csv/.txt/.parquet file), in memory or as a
 stream, reads its column names, and decides which rows are held out for evaluation.
 
-A `Source` names one place rows come from and carries a weight. Today a run has one training source;
-weighted mixing (issue 13, tuner/mixing.py) adds more to `Opened.train` without changing how a source is
-opened, checked or read.
+A `Source` names one place rows come from and carries a weight. A run with several training sources
+(tuner/source_specs.py) opens each with `open_spec`, the same way one source is opened, checked and read;
+mix_data.py mixes them.
 
 The hold-out rule, the same for in-memory and streamed runs, so both evaluate on the same rows. Rows are
 taken in consecutive strata of k = 100 / gcd(100, p) rows, and in each stratum exactly h = p k / 100 rows
@@ -154,6 +154,25 @@ def _hub_source(cfg, split: str) -> Source:
     return Source("--dataset_name", cfg.dataset_name, cfg.dataset_config_name, split)
 
 
+def open_spec(spec, streaming: bool, validation_split_percentage: int, seed: int) -> Opened:
+    """One source of a mix (a source_specs.SourceSpec): a file, or a hub / local dataset directory's `spec.split`;
+    its validation data is its validation_path, else the dataset's validation split, else its held-out rows."""
+    if spec.is_file:
+        train = OpenSource(Source(spec.flag, spec.path, weight=spec.weight), load_local(spec.flag, spec.path, streaming))
+        validation = None
+    else:
+        splits = load_dataset_splits(spec.flag, spec.location, spec.dataset_config_name, streaming, spec.split)
+        train = OpenSource(Source(spec.flag, spec.location, spec.dataset_config_name, spec.split, spec.weight), splits["train"])
+        validation = splits["validation"]
+        if validation is not None:
+            validation = OpenSource(Source(spec.flag, spec.location, spec.dataset_config_name, "validation"), validation)
+    if spec.validation_path:
+        flag = f"{spec.flag} validation_path"
+        validation = OpenSource(Source(flag, spec.validation_path), load_local(flag, spec.validation_path, streaming))
+    held_out = validation_split_percentage if validation is None else 0
+    return Opened([train], validation, held_out, seed)
+
+
 def _first_bad_json_line(path: str) -> str | None:
     with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
@@ -194,27 +213,31 @@ def is_saved_dataset(name: str) -> bool:
 
 
 def load_hub(cfg, streaming: bool = False) -> dict:
-    """{'train': ..., 'validation': ... or None} of a hub dataset, a local dataset directory (a "repo" of
-    data files, as on the hub) or a directory written by save_to_disk."""
+    """{'train': ..., 'validation': ... or None} of --dataset_name: a hub dataset, a local dataset directory
+    (a "repo" of data files, as on the hub) or a directory written by save_to_disk."""
+    return load_dataset_splits("--dataset_name", cfg.dataset_name, cfg.dataset_config_name, streaming)
+
+
+def load_dataset_splits(flag: str, name: str, config: str | None, streaming: bool = False, split: str = "train") -> dict:
+    """{'train': the `split` to train on, 'validation': the validation split or None} of a dataset by name."""
     import datasets
 
     try:
-        if is_saved_dataset(cfg.dataset_name):
-            loaded = datasets.load_from_disk(cfg.dataset_name)
+        if is_saved_dataset(name):
+            loaded = datasets.load_from_disk(name)
             loaded = {"train": loaded} if isinstance(loaded, datasets.Dataset) else loaded
             if streaming:
                 loaded = {split: rows.to_iterable_dataset() for split, rows in loaded.items()}
         else:
-            loaded = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=streaming)
+            loaded = datasets.load_dataset(name, config, streaming=streaming)
     except Exception as exc:
         fix = hub.unreachable_note() or "Check the name and config on the hub, your network, or use --train_file."
         raise UsageError(
-            f"--dataset_name {cfg.dataset_name} (--dataset_config_name {cfg.dataset_config_name}): could not be loaded "
-            f"({root_cause(exc)}). {fix}"
+            f"{flag} {name} (--dataset_config_name {config}): could not be loaded ({root_cause(exc)}). {fix}"
         ) from None
-    if "train" not in loaded:
-        raise UsageError(f"--dataset_name {cfg.dataset_name}: has no 'train' split (it has {', '.join(loaded)}).")
-    return {"train": loaded["train"], "validation": loaded.get("validation")}
+    if split not in loaded:
+        raise UsageError(f"{flag} {name}: has no '{split}' split (it has {', '.join(loaded)}).")
+    return {"train": loaded[split], "validation": loaded.get("validation") if split != "validation" else None}
 
 
 # ---------------------------------------------------------------- reading rows

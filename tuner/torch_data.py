@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +68,15 @@ class Datasets:
     chat: bool = False  # examples were rendered through the chat template
     figures: dict = field(default_factory=dict)  # counts for the dry run and run_summary.json
     preview: list[str] = field(default_factory=list)  # first examples with the trained tokens marked
+    # describe.py's iterator over the training examples, for influence/examples.jsonl (None for a stream);
+    # takes keyword arguments source= and offset= (a mix renames and renumbers each source's examples).
+    describer: Callable[..., Iterator[dict]] | None = None
+    eval_sets: dict | None = None  # several sources: each one's evaluation set, by name (`eval` holds them all)
+    mix: object | None = None  # several sources: mix_data.MixedRows or mix_data.StreamMix (the training data)
+
+    def describe(self) -> Iterator[dict]:
+        """{example_id, source, rows, text} for every training example id the influence scorer can see."""
+        return self.describer() if self.describer is not None else iter(())
 
     @property
     def train_chunks(self) -> int | None:

@@ -6,10 +6,12 @@ import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, default_data_collator
+from transformers.trainer_utils import speed_metrics
 
 from .errors import UsageError
 from .guards import NonFiniteGuard
@@ -118,6 +120,7 @@ class LeanLossTrainer(Trainer):
     # eval_sums; the loop's loss is replaced by their ratio over the whole set and every process.
 
     eval_sums: torch.Tensor | None = None  # (2,) float64 while evaluating: summed loss, trained tokens
+    last_eval_sums: tuple[float, float] = (0.0, 0.0)  # of the last evaluation loop, over every process
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         self.eval_sums = torch.zeros(2, dtype=torch.float64, device=self.args.device)
@@ -126,9 +129,41 @@ class LeanLossTrainer(Trainer):
             loss_sum, tokens = self.accelerator.reduce(self.eval_sums, reduction="sum").tolist()
         finally:
             self.eval_sums = None
+        self.last_eval_sums = (loss_sum, tokens)
         if tokens:
             output.metrics[f"{metric_key_prefix}_loss"] = loss_sum / tokens
         return output
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Several evaluation sets (one per source of a mix): eval_<name>_loss and eval_<name>_perplexity for each,
+        and eval_loss over all of them, per trained token, logged and passed to callbacks once. Trainer's own
+        handling of a dict logs each set apart and has no eval_loss, which --load_best_model_at_end needs."""
+        sets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if not isinstance(sets, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        from .report import perplexity
+
+        started, metrics, totals, samples = time.time(), {}, [0.0, 0.0], 0
+        for name, dataset in sets.items():
+            prefix = f"{metric_key_prefix}_{name}"
+            loader = self.get_eval_dataloader(name if eval_dataset is None else dataset)  # by name: Trainer caches it
+            output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys,
+                                          metric_key_prefix=prefix)  # fmt: skip
+            metrics.update(output.metrics)
+            metrics[f"{prefix}_perplexity"] = perplexity(output.metrics[f"{prefix}_loss"])
+            totals = [t + part for t, part in zip(totals, self.last_eval_sums)]
+            samples += output.num_samples
+        metrics[f"{metric_key_prefix}_loss"] = totals[0] / totals[1] if totals[1] else float("nan")
+        metrics.update(speed_metrics(metric_key_prefix, started, num_samples=samples))
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if getattr(getattr(dataset, "dataset", dataset), "in_order", False):  # a mix in memory: its schedule is the order
+            return torch.utils.data.SequentialSampler(dataset)
+        return super()._get_train_sampler(train_dataset)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if self.eval_sums is None or not prediction_loss_only or inputs.get("labels") is None:
@@ -203,10 +238,10 @@ def build_trainer(cfg, model, tokenizer, datasets, teacher=None) -> Trainer:
         model=model,
         args=cfg,
         train_dataset=train,
-        eval_dataset=datasets.eval,
+        eval_dataset=datasets.eval_sets or datasets.eval,  # a mix: each source's set, by name
         processing_class=tokenizer,
         data_collator=collator,
-        callbacks=[SaveOnSignal()] + ([StreamPosition()] if cfg.streaming else []),
+        callbacks=[SaveOnSignal()] + data_position(cfg, datasets),
     )
     trainer.data_figures = datasets.figures  # for run_summary.json
     if teacher is not None:
@@ -214,8 +249,22 @@ def build_trainer(cfg, model, tokenizer, datasets, teacher=None) -> Trainer:
     if cfg.influence:
         trainer.influence = influence_run.InfluenceTracker(cfg, trainer.model, datasets, tokenizer)
         trainer.add_callback(trainer.influence)
+    if cfg.mixture_from_influence:  # after the tracker: it reads the files the tracker writes at the end
+        from .influence_mixture import MixtureFromInfluence
+
+        trainer.add_callback(MixtureFromInfluence(cfg))
     keep_logs_in_output_dir(trainer)
     return trainer
+
+
+def data_position(cfg, datasets) -> list:
+    """The callback that knows where the run stands in its data: a mix's (mixture.MixPosition: rows used, tokens
+    per source, a streamed mix's resume point) or one stream's (streaming.StreamPosition)."""
+    if datasets.mix is not None:
+        from .mixture import MixPosition
+
+        return [MixPosition()]
+    return [StreamPosition()] if cfg.streaming else []
 
 
 def fit_model_to_data(model, tokenizer, datasets) -> None:

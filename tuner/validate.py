@@ -117,7 +117,11 @@ def reporters(cfg) -> list[str]:
 
 
 def path_problems(cfg) -> list[str]:
-    problems = sources.source_problems(cfg) + models.offline_problems(cfg.model_name_or_path)
+    from . import source_specs
+
+    # several sources (--datasets, several --train_file): each checked by source_specs, named in its messages
+    data = source_specs.problems(cfg) if source_specs.uses_specs(cfg) else sources.source_problems(cfg) + source_specs.problems(cfg)
+    problems = data + models.offline_problems(cfg.model_name_or_path)
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--output_dir {cfg.output_dir}: exists and is a file. Give a directory path.")
@@ -190,7 +194,8 @@ def data_problems(cfg) -> list[str]:
     from .chat_template import template_file_problems
 
     problems = template_file_problems(cfg.chat_template)
-    if cfg.eval_only and cfg.validation_split_percentage == 0 and not cfg.validation_file and not cfg.dataset_name:
+    if (cfg.eval_only and cfg.validation_split_percentage == 0 and not cfg.validation_file and not cfg.dataset_name
+            and not getattr(cfg, "datasets", None)):  # a datasets entry may bring its own validation data
         problems.append("--eval_only with --validation_split_percentage 0 and no --validation_file: there is nothing to "
                         "evaluate on. Pass --validation_file, or hold out some training rows.")  # fmt: skip
     return problems
