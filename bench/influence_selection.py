@@ -1,0 +1,133 @@
+"""Is per-example influence useful? Corrupt 20% of a real corpus, train the offline Gemma 3 270M
+with --influence, then retrain from the same start for the same number of steps twice: without the
+20% least influential examples, and without a random 20%. Prints the held-out loss of all three
+runs and how many of the corrupted documents the bottom 20% caught.
+
+    .venv/bin/python bench/influence_selection.py                 # ~20 min on 2 CPU cores
+    .venv/bin/python bench/influence_selection.py --documents 60  # a quick look
+
+Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics), each one training
+example (a chat turn: "Quote a paragraph of the Python reference." -> the paragraph; the loss is on
+the paragraph). Clean held-out paragraphs are the reference set and the evaluation set. Corruption:
+the words of a document shuffled (same words, no syntax), as a broken scraper or a bad join would.
+Goal: influence-filtered beats random on held-out loss, and the bottom 20% catches >= 70% of the
+corrupted documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, command_line, load_average, machine
+
+PROMPT = "Quote a paragraph of the Python reference documentation."
+
+
+def paragraphs(min_chars: int, max_chars: int) -> list[str]:
+    from pydoc_data.topics import topics
+
+    found = []
+    for text in topics.values():
+        for block in text.split("\n\n"):
+            block = " ".join(block.split())
+            if min_chars <= len(block) <= max_chars and block.count(" ") > 20:
+                found.append(block)
+    return sorted(set(found))
+
+
+def shuffled(text: str, rng: random.Random) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def chat(text: str) -> dict:
+    return {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": text}]}
+
+
+def write(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps(chat(t)) + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+def train(name: str, train_file: str, validation_file: str, work: Path, args, *extra: str) -> dict:
+    out = work / name
+    cmd = [
+        sys.executable, str(ROOT / "main.py"), "--model_name_or_path", "offline:gemma-3-270m", "--train_file", train_file,
+        "--validation_file", validation_file, "--output_dir", str(out), "--data_format", "messages",
+        "--max_seq_length", str(args.max_seq_length), "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_steps", str(args.steps),
+        "--learning_rate", str(args.learning_rate), "--warmup_steps", "2", "--lr_scheduler_type", "constant_with_warmup",
+        "--logging_steps", "5", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+        "--max_new_tokens", "0", "--eval_before_training", "false", "--seed", "7", "--cache_dir", str(work / "tokens"), *extra,
+    ]  # fmt: skip
+    started = time.time()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
+    results = json.loads((out / "eval_results.json").read_text())
+    print(f"  {name:<18} eval_loss {results['eval_loss']:.4f}  ({time.time() - started:.0f} s)", flush=True)
+    return {"eval_loss": results["eval_loss"], "out": out}
+
+
+def least_influential(out: Path, fraction: float, n_train: int) -> list[int]:
+    """Source rows of the `fraction` least influential training examples (never seen: influence 0)."""
+    import pyarrow.parquet as pq
+
+    influence = pq.read_table(out / "influence" / "influence.parquet").to_pandas().set_index("example_id")["influence"]
+    examples = [json.loads(line) for line in (out / "influence" / "examples.jsonl").read_text().splitlines()]
+    row_of = {e["example_id"]: (e["rows"][0] if e.get("rows") else e["example_id"]) for e in examples}
+    by_row = {row_of[i]: value for i, value in influence.items()}
+    ranked = sorted(range(n_train), key=lambda row: (by_row.get(row, 0.0), row))
+    return ranked[: round(fraction * n_train)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--documents", type=int, default=120, help="training documents")
+    parser.add_argument("--held_out", type=int, default=48, help="clean held-out documents (reference and evaluation)")
+    parser.add_argument("--corrupt", type=float, default=0.2, help="fraction of training documents corrupted and removed")
+    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    args = parser.parse_args()
+    rng = random.Random(0)
+    texts = paragraphs(200, 600)
+    rng.shuffle(texts)
+    train_texts, held_out = texts[: args.documents], texts[args.documents : args.documents + args.held_out]
+    corrupted = set(rng.sample(range(args.documents), round(args.corrupt * args.documents)))
+    train_texts = [shuffled(t, rng) if i in corrupted else t for i, t in enumerate(train_texts)]
+    print(f"machine: {machine()}\nload average before: {load_average()}")
+    print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} with their words shuffled), "
+          f"{len(held_out)} clean held-out; {args.steps} steps of 4 packed rows of <= {args.max_seq_length} tokens")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="influence-selection-") as tmp:
+        work = Path(tmp)
+        validation = write(work / "validation.jsonl", held_out)
+        full = train("all documents", write(work / "all.jsonl", train_texts), validation, work, args,
+                     "--influence", "--influence_val_examples", "all")  # fmt: skip
+        dropped = least_influential(full["out"], args.corrupt, args.documents)
+        caught = len(corrupted.intersection(dropped))
+        keep = [t for i, t in enumerate(train_texts) if i not in set(dropped)]
+        filtered = train("influence-filtered", write(work / "filtered.jsonl", keep), validation, work, args)
+        random_drop = set(random.Random(1).sample(range(args.documents), len(dropped)))
+        keep_random = [t for i, t in enumerate(train_texts) if i not in random_drop]
+        randomly = train("random-filtered", write(work / "random.jsonl", keep_random), validation, work, args)
+    print(f"load average after: {load_average()}")
+    print(f"held-out loss: all {full['eval_loss']:.4f}, without the {len(dropped)} least influential "
+          f"{filtered['eval_loss']:.4f}, without a random {len(dropped)} {randomly['eval_loss']:.4f}")
+    print(f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents "
+          f"({100 * caught / len(corrupted):.0f}%)")
+    verdict = "meets" if filtered["eval_loss"] < randomly["eval_loss"] and caught >= 0.7 * len(corrupted) else "misses"
+    print(f"goal (filtered < random, catch >= 70%): {verdict}")
+    print(f"reproduce: {command_line()}")
+
+
+if __name__ == "__main__":
+    main()
