@@ -119,3 +119,9 @@ def test_lora_in_bf16_trains(tiny_model, write_corpus, tmp_path):
         pytest.skip("this CPU has no bf16 instructions")
     metrics = entry.main(lora_args(tiny_model, write_corpus("jsonl"), tmp_path / "out", "--bf16", "--max_steps", "2"))
     assert metrics["train"]["train_loss"] > 0
+
+
+def test_lora_on_a_stream(tiny_model, write_corpus, tmp_path):
+    out = tmp_path / "out"
+    metrics = entry.main(lora_args(tiny_model, write_corpus("jsonl"), out, "--streaming", "--max_steps", "2"))
+    assert metrics["train"]["train_loss"] > 0 and (out / "adapter_model.safetensors").is_file()
