@@ -30,6 +30,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from . import lora
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -165,11 +166,11 @@ class LoraOptions:
     _argument_group_name = "LoRA (peft)"
 
     use_lora: bool = _opt(False, "Train LoRA adapters (peft) instead of every weight.")
-    lora_r: int = _opt(16, "LoRA rank.")
-    lora_alpha: float = _opt(32.0, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
-    lora_dropout: float = _opt(0.05, "Dropout on the LoRA path's input.")
+    lora_r: int = _opt(lora.DEFAULT_R, "LoRA rank.")
+    lora_alpha: float = _opt(lora.DEFAULT_ALPHA, "LoRA scaling numerator: updates are scaled by lora_alpha / lora_r.")
+    lora_dropout: float = _opt(lora.DEFAULT_DROPOUT, "Dropout on the LoRA path's input.")
     lora_target_modules: str = _opt(
-        "all-linear", "Modules that get adapters: all-linear (every attention and MLP projection, not the output "
+        lora.DEFAULT_TARGET_MODULES, "Modules that get adapters: all-linear (every attention and MLP projection, not the output "
         "head), or a comma list such as q_proj,v_proj."
     )
     lora_trainable_tokens: str | None = _opt(

@@ -228,8 +228,10 @@ def distill_problems(cfg) -> list[str]:
     from . import distill
 
     if not cfg.teacher_model_name_or_path:
-        changed = [f"--{name}" for name, default in (("distill_alpha", 0.5), ("distill_temperature", 2.0),
-                                                     ("distill_direction", "forward")) if getattr(cfg, name) != default]  # fmt: skip
+        from .config import FIELDS
+
+        names = ("distill_alpha", "distill_temperature", "distill_direction")
+        changed = [f"--{name}" for name in names if getattr(cfg, name) != FIELDS[name].default]
         return [f"{flag}: has no effect without --teacher_model_name_or_path. Add a teacher, or drop {flag}." for flag in changed]
     problems = distill.option_problems(cfg.distill_alpha, cfg.distill_temperature, cfg.distill_direction)
     conflicts = {"--use_liger_kernel": cfg.use_liger_kernel, "--fsdp/--deepspeed": bool(cfg.fsdp or cfg.deepspeed),
