@@ -126,6 +126,10 @@ def test_in_memory_mix_holds_its_proportions_after_every_row(tiny_model, files, 
     trained = {"docs": sum(t for k, t, _ in seen if k == "text"), "chat": sum(t for k, t, _ in seen if k == "chat")}
     assert result["summary"]["tokens_per_source"] == trained
     assert json.loads((tmp_path / "out" / "run_summary.json").read_text())["tokens_per_source"] == trained
+    dry = entry.main(mix_args(tiny_model, tmp_path / "dry", [files["docs"], files["chat"]], "--mix_weights", "3", "1",
+                              "--mix_unit", unit, "--max_steps", "10", "--dry_run"))  # fmt: skip
+    assert dry["train_chunks"] == 40 and dry["train_tokens"] == sum(int((b["input_ids"] != 0).sum()) for b in recorder.batches)
+    assert [s["run_trained_tokens"] for s in dry["data_figures"]["sources"]] == list(trained.values())
 
 
 def test_stop_ends_the_run_when_a_source_runs_out_and_repeats_no_row(tiny_model, files, tmp_path, monkeypatch, caplog):

@@ -139,11 +139,12 @@ def text_splits(cfg, opened: Opened) -> dict[str, tuple[list[str], list[int]]]:
     return {"train": train, "validation": val}
 
 
-def too_short_check(split: str, n_tokens: int, seq_len: int) -> None:
+def too_short_check(split: str, n_tokens: int, seq_len: int, source: str | None = None) -> None:
     if n_tokens < seq_len:
         flag = "--train_file/--dataset_name" if split == "train" else "--validation_file/--validation_split_percentage"
+        of = f" of {source}" if source else ""  # a mix: which source
         raise UsageError(
-            f"--max_seq_length {seq_len}: the {split} data has only {n_tokens} tokens, fewer than one chunk. "
+            f"--max_seq_length {seq_len}: the {split} data{of} has only {n_tokens} tokens, fewer than one chunk. "
             f"Lower --max_seq_length below {n_tokens}, or give more text ({flag})."
         )
 
@@ -156,7 +157,7 @@ def _build_chunks(work: Path, cfg, tokenizer, opened: Opened) -> None:
         started = time.time()
         logger.info("Tokenizing %d %s documents into %d-token chunks", len(texts), split, cfg.max_seq_length)
         stream, lengths = grouping.tokenize_documents(tokenizer, texts, cfg.preprocessing_num_workers)
-        too_short_check(split, len(stream), cfg.max_seq_length)
+        too_short_check(split, len(stream), cfg.max_seq_length, opened.train[0].source.name)
         chunks = grouping.chunk(stream, cfg.max_seq_length)
         np.save(work / f"{split}.npy", chunks)
         # Where each document starts in the stream, and its row: which rows a chunk holds (describe.py).

@@ -8,16 +8,16 @@ interleaves *training rows* (a chunk, a packed row, a padded example): in propor
 tokens (--mix_unit tokens, labels != -100 after the shift, what the loss counts) or of rows
 (--mix_unit examples). Rows never mix sources, so every trained token belongs to one source.
 
-In memory, `MixedRows` is a map-style dataset whose row i is the i-th row of the schedule (read lazily; it
-only needs the rows' sizes), read in order (training.LeanLossTrainer uses a sequential sampler for it; each
+In memory, `MixedRows` is a map-style dataset whose row i is the i-th row of the schedule (computed when the
+data is built, from the rows' sizes alone: about 10 us a row), read in order (training.LeanLossTrainer uses a sequential sampler for it; each
 source's pass is shuffled with --seed instead). Its length is the run's: --max_steps x rows per step, or,
 without --max_steps, --num_train_epochs epochs of the mix, an epoch being as many trained tokens (rows) as
 all sources hold together; --mix_exhausted stop ends it where the first source runs out. So Trainer's own
 resume (it skips the rows earlier steps used, by index) continues the schedule exactly.
 
-Streamed, `StreamMix` is the mixing.Mixture over each source's stream; mixture.MixPosition saves its state
-and each source's stream position in the checkpoint, so a resumed run reopens every source where it stood,
-without reading what came before (as --streaming does for one source).
+Streamed, `mix_stream.StreamMix` is the mixing.Mixture over each source's stream; mixture.MixPosition saves
+its state and each source's stream position in the checkpoint, so a resumed run reopens every source where
+it stood, without reading what came before (as --streaming does for one source).
 
 Rows of different kinds share one collator: with chat data packed, a text chunk gets position_ids
 0..T-1 (one sequence, as without them) and its example id in example_index; with padding, text chunks are
@@ -30,24 +30,22 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import torch
 
 from . import mixing, sources
+from .mix_stream import StreamMix
 from .source_specs import SourceSpec, SourceView
-from .streaming import Position
 from .torch_data import Datasets
 
 logger = logging.getLogger(__name__)
 
 TEXT, PACKED, PADDED = "text", "packed", "padded"
 BLOCK = 4096  # schedule rows computed at a time
-KEEP_POSITIONS = 4096  # stream positions kept per source: far more than a dataloader reads ahead
 
 
 @dataclass
@@ -83,15 +81,18 @@ def build_mix(cfg, tokenizer, specs: list[SourceSpec]) -> Datasets:
         one = parts[0].datasets
         one.describer = partial(one.describer, source=specs[0].name) if one.describer else None
         return one
-    for before, part in zip(parts, parts[1:]) if not cfg.streaming else ():  # ids matter to --influence: in memory
-        part.offset = before.offset + before.ids
+    if not cfg.streaming:  # example ids matter to --influence, which needs the data in memory
+        for before, part in zip(parts, parts[1:]):
+            part.offset = before.offset + before.ids
     layout = next((p.kind for p in parts if p.kind != TEXT), TEXT)  # PACKED/PADDED follow --packing, the same for all
-    exhausted = "restarts (--mix_exhausted restart, the default: the proportions hold for the whole run)" if cfg.mix_exhausted == mixing.RESTART \
-        else "ends the run (--mix_exhausted stop: no row is repeated)"  # fmt: skip
-    logger.info("Mixing %d sources in proportions of %s; a source that runs out %s", len(parts),
-                "trained tokens" if cfg.mix_unit == mixing.TOKENS else "training rows", exhausted)  # fmt: skip
+    logger.info(
+        "Mixing %d sources in proportions of %s; a source that runs out %s", len(parts),
+        "trained tokens" if cfg.mix_unit == mixing.TOKENS else "training rows",
+        "restarts (--mix_exhausted restart, the default: the proportions hold for the whole run)"
+        if cfg.mix_exhausted == mixing.RESTART else "ends the run (--mix_exhausted stop: no row is repeated)",
+    )  # fmt: skip
     if cfg.streaming:
-        train = StreamMix(parts, layout, cfg.mix_unit, cfg.mix_exhausted)
+        train = StreamMix(parts, [converter(p.kind, layout) for p in parts], cfg.mix_unit, cfg.mix_exhausted)
     else:
         train = MixedRows(parts, layout, cfg.mix_unit, cfg.mix_exhausted, cfg.seed)
         fit_run_length(cfg, train)
@@ -249,7 +250,7 @@ class MixedRows(torch.utils.data.Dataset):
         """The fewest rows whose units reach `target` (the whole mix if it ends first)."""
         n = 0
         while True:
-            n = self.schedule(n + BLOCK)
+            n = self.schedule(max(2 * n, BLOCK))  # doubling: the cumulative sums below cost O(n log n) in all
             reached = np.cumsum(self.units(n))
             if reached[-1] >= target or self.mixture.finished:
                 return int(min(np.searchsorted(reached, target) + 1, n))
@@ -261,7 +262,8 @@ class MixedRows(torch.utils.data.Dataset):
         return {p.spec.name: int(c) for p, c in zip(self.parts, counts)}
 
     def run_tokens(self) -> int:
-        n = self.schedule(self.length)
+        """Tokens in the rows of the run (the schedule may run further: the epoch's length was measured on it)."""
+        n = min(self.length, self.schedule(self.length))
         out = 0
         for s, lengths in enumerate(self.lengths):
             out += int(lengths[self.row[:n][self.source[:n] == s]].sum())
@@ -315,69 +317,3 @@ def mix_figures(cfg, train) -> dict:
     if isinstance(train, MixedRows):
         figures.update(epoch_rows=train.epoch_rows, run_rows=train.length)
     return figures
-
-
-# ---------------------------------------------------------------- streamed
-
-
-class StreamOpener:
-    """mixing.Source.open for one source's stream (a streaming.ResumableStream): a pass from its example number
-    `start`, as the mix's rows. It remembers where its recent examples start, so that a checkpoint can reopen
-    the source there; without one, it reads the pass from its start and drops what comes before."""
-
-    def __init__(self, stream, convert):
-        self.stream, self.convert = stream, convert
-        self.known: OrderedDict[tuple[int, int], Position] = OrderedDict()  # (pass, example number) -> where it starts
-
-    def __call__(self, pass_index: int, start: int) -> Iterator[dict]:
-        at = self.known.get((pass_index, start))
-        number = start if at is not None else 0
-        for item, after in self.stream.one_pass(at or replace(self.stream.first, epoch=pass_index)):
-            number += 1  # `after` is where example `number` of the pass starts
-            self.remember((pass_index, number), after)
-            if number > start:
-                yield self.convert(self.stream.as_tensors(item))
-
-    def remember(self, key: tuple[int, int], position: Position) -> None:
-        self.known[key] = position
-        if len(self.known) > KEEP_POSITIONS:
-            self.known.popitem(last=False)
-
-
-class StreamMix(torch.utils.data.IterableDataset):
-    """The streamed sources, mixed (mixing.Mixture); its state includes each source's stream position."""
-
-    def __init__(self, parts: list[Part], layout: str, unit: str, exhausted: str):
-        self.parts = parts
-        self.openers = [StreamOpener(p.datasets.train, converter(p.kind, layout, p.offset)) for p in parts]
-        mix = [mixing.Source(p.spec.name, p.spec.weight, opener) for p, opener in zip(parts, self.openers)]
-        self.mixture = mixing.Mixture(mix, unit, exhausted)
-
-    def __iter__(self) -> Iterator[dict]:
-        return iter(self.mixture)
-
-    @property
-    def examples(self) -> int:
-        return self.mixture.examples
-
-    def state_at(self, n: int) -> dict:
-        """JSON-able: the mixture's state after n rows, and where each source's next row starts in its stream."""
-        state = self.mixture.state_at(n)
-        positions = {}
-        for source, opener in zip(state["sources"], self.openers):
-            at = opener.known.get((source["pass"], source["position"]))
-            positions[source["name"]] = asdict(at) if at is not None else None
-        return {"mixture": state, "positions": positions}
-
-    def load_state(self, saved: dict) -> None:
-        self.mixture.load_state_dict(saved["mixture"])
-        for source, opener in zip(saved["mixture"]["sources"], self.openers):
-            at = saved["positions"].get(source["name"])
-            if at is not None:
-                opener.known[(source["pass"], source["position"])] = Position(**at)
-
-    def forget_before(self, n: int) -> None:
-        self.mixture.forget_before(n)
-
-    def tokens_per_source(self, n: int) -> dict[str, int]:
-        return mixing.tokens_per_source(self.mixture.state_at(min(n, self.mixture.examples)))

@@ -226,7 +226,9 @@ class Mixture(torch.utils.data.IterableDataset):
                 cursor.ahead = _END
                 return
             taken.pass_index, taken.position = taken.pass_index + 1, 0
-            logger.info("Mixing: %s ran out after %d examples in all; starting its pass %d", source.name, taken.examples, taken.pass_index)
+            # A small source may restart thousands of times in a long run: its first restart is news, the rest detail.
+            logger.log(logging.INFO if taken.pass_index == 1 else logging.DEBUG, "Mixing: %s ran out after %d examples "
+                       "in all; starting its pass %d", source.name, taken.examples, taken.pass_index)  # fmt: skip
             cursor.iterator = iter(source.open(taken.pass_index, 0))
             return self._fetch(i, cursor)
         cursor.ahead_tokens = self.count_tokens(cursor.ahead)

@@ -1,0 +1,82 @@
+"""A mix of streamed sources (mix_data.py, --streaming): mixing.Mixture over each source's stream, with a state
+that says where every source stands in its stream, so that a resumed run reopens each one there without
+reading what came before (mixture.MixPosition saves it in each checkpoint, as streaming.StreamPosition
+does for one stream)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict, replace
+
+import torch
+
+from . import mixing
+from .streaming import Position
+
+KEEP_POSITIONS = 4096  # stream positions kept per source: far more than a dataloader reads ahead
+
+
+class StreamOpener:
+    """mixing.Source.open for one source's stream (a streaming.ResumableStream): a pass from its example number
+    `start`, as the mix's rows. It remembers where its recent examples start, so that a checkpoint can reopen
+    the source there; without one, it reads the pass from its start and drops what comes before."""
+
+    def __init__(self, stream, convert):
+        self.stream, self.convert = stream, convert
+        self.known: OrderedDict[tuple[int, int], Position] = OrderedDict()  # (pass, example number) -> where it starts
+
+    def __call__(self, pass_index: int, start: int) -> Iterator[dict]:
+        at = self.known.get((pass_index, start))
+        number = start if at is not None else 0
+        for item, after in self.stream.one_pass(at or replace(self.stream.first, epoch=pass_index)):
+            number += 1  # `after` is where example `number` of the pass starts
+            self.remember((pass_index, number), after)
+            if number > start:
+                yield self.convert(self.stream.as_tensors(item))
+
+    def remember(self, key: tuple[int, int], position: Position) -> None:
+        self.known[key] = position
+        if len(self.known) > KEEP_POSITIONS:
+            self.known.popitem(last=False)
+
+
+class StreamMix(torch.utils.data.IterableDataset):
+    """The streamed sources, mixed (mixing.Mixture); its state includes each source's stream position."""
+
+    def __init__(self, parts: list, converters: list, unit: str, exhausted: str):
+        """parts: mix_data.Part, each with a streaming.ResumableStream to train on; converters: each one's rows
+        as the mix's collator takes them (mix_data.as_row)."""
+        self.parts = parts
+        self.openers = [StreamOpener(p.datasets.train, convert) for p, convert in zip(parts, converters)]
+        mix = [mixing.Source(p.spec.name, p.spec.weight, opener) for p, opener in zip(parts, self.openers)]
+        self.mixture = mixing.Mixture(mix, unit, exhausted)
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(self.mixture)
+
+    @property
+    def examples(self) -> int:
+        return self.mixture.examples
+
+    def state_at(self, n: int) -> dict:
+        """JSON-able: the mixture's state after n rows, and where each source's next row starts in its stream."""
+        state = self.mixture.state_at(n)
+        positions = {}
+        for source, opener in zip(state["sources"], self.openers):
+            at = opener.known.get((source["pass"], source["position"]))
+            positions[source["name"]] = asdict(at) if at is not None else None
+        return {"mixture": state, "positions": positions}
+
+    def load_state(self, saved: dict) -> None:
+        self.mixture.load_state_dict(saved["mixture"])
+        for source, opener in zip(saved["mixture"]["sources"], self.openers):
+            at = saved["positions"].get(source["name"])
+            if at is not None:
+                opener.known[(source["pass"], source["position"])] = Position(**at)
+
+    def forget_before(self, n: int) -> None:
+        self.mixture.forget_before(n)
+
+    def tokens_per_source(self, n: int) -> dict[str, int]:
+        return mixing.tokens_per_source(self.mixture.state_at(min(n, self.mixture.examples)))
