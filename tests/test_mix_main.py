@@ -275,3 +275,30 @@ def test_mixture_from_influence_writes_weights_the_next_run_takes(tiny_model, fi
     dry = entry.main(["--config", str(directory / "mixture.yaml"), "--model_name_or_path", tiny_model, "--output_dir",
                       str(tmp_path / "next"), "--max_seq_length", "64", "--dry_run", "--report_to", "none"])  # fmt: skip
     assert [(s["name"], s["weight"]) for s in dry["data_figures"]["sources"]] == list(weights.items())
+
+
+# ---------------------------------------------------------------- several processes
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["in memory", "streamed"])
+def test_two_processes_train_on_the_rows_one_process_does(tiny_model, files, tmp_path, streaming):
+    """2 processes x 2 rows against 1 process x 4: the same losses (to float rounding, see test_multiprocess.py) and
+    tokens per source. Streamed, accelerate's dispatcher concatenates every process's batch on process 0: packed
+    chat rows and text chunks must then share one length (sft_stream.fixed_length)."""
+    import subprocess
+    import sys
+
+    from launch import ROOT, free_port, launcher_env
+
+    extra = ["--mix_weights", "2", "1", "--save_steps", "100"] + (["--streaming"] if streaming else [])
+    one = mix_args(tiny_model, tmp_path / "one", [files["docs"], files["chat"]], *extra, "--per_device_train_batch_size", "4")
+    two = mix_args(tiny_model, tmp_path / "two", [files["docs"], files["chat"]], *extra, "--per_device_train_batch_size", "2")
+    single = entry.main(one)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    done = subprocess.run([*launch, str(ROOT / "main.py"), *two], env=launcher_env(), cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    history = json.loads((tmp_path / "two" / "trainer_state.json").read_text())["log_history"]
+    expected = [e["loss"] for e in json.loads((tmp_path / "one" / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert [e["loss"] for e in history if "loss" in e] == pytest.approx(expected, abs=1e-4)
+    summary = json.loads((tmp_path / "two" / "run_summary.json").read_text())
+    assert summary["tokens_per_source"] == single["summary"]["tokens_per_source"]

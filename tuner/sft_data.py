@@ -109,9 +109,11 @@ def arrange(input_ids: Sequence[np.ndarray], labels: Sequence[np.ndarray], setti
     return ExampleDataset(input_ids, labels)
 
 
-def collator(settings: SftSettings, tokenizer):
+def collator(settings: SftSettings, tokenizer, pad_to: int | None = None):
+    """Packed rows or padded examples -> batches; pad_to: every batch padded to a multiple of it (None: to its
+    longest row)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return packing.PackedCollator(pad) if settings.packing else packing.PaddingCollator(pad)
+    return packing.PackedCollator(pad, pad_to) if settings.packing else packing.PaddingCollator(pad, pad_to)
 
 
 # ---------------------------------------------------------------- reading rows in memory

@@ -121,6 +121,13 @@ class ExampleStream(ResumableStream):
         return ids[:limit], labels[:limit]
 
 
+def fixed_length(cfg) -> int | None:
+    """Several processes: every batch --max_seq_length long. accelerate's dispatcher reads a stream's batches
+    for every process on process 0 and concatenates them before slicing, which needs one length for all
+    (a packed row is at most --max_seq_length, so padding to it costs only what the rows lack)."""
+    return cfg.max_seq_length if cfg.world_size > 1 else None
+
+
 def build_sft_stream(cfg, tokenizer, opened: Opened, choice: FormatChoice) -> Datasets:
     """An ExampleStream to train on and a fixed evaluation set in memory; reads the first buffer now."""
     settings = SftSettings.from_options(cfg, choice, tokenizer)
@@ -145,6 +152,6 @@ def build_sft_stream(cfg, tokenizer, opened: Opened, choice: FormatChoice) -> Da
     )  # fmt: skip
     return Datasets(
         train=train, eval=val, train_tokens=0, eval_tokens=figures.get("validation_tokens_used", 0),
-        format=choice.format, collator=sft_data.collator(settings, tokenizer), packed=settings.packing,
+        format=choice.format, collator=sft_data.collator(settings, tokenizer, fixed_length(cfg)), packed=settings.packing,
         chat=train.chat, figures=figures, preview=shown,
     )  # fmt: skip
