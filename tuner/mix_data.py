@@ -230,30 +230,35 @@ class MixedRows(torch.utils.data.Dataset):
     def schedule(self, n: int) -> int:
         """Schedule at least n rows (fewer when the mix ends first, under stop); returns how many there are."""
         while len(self.source) < n and not self.mixture.finished:
-            block = [pair for _, pair in zip(range(max(BLOCK, n - len(self.source))), self._order)]
+            block = [pair for _, pair in zip(range(n - len(self.source)), self._order)]
             self.source = np.concatenate([self.source, np.array([p[0] for p in block], dtype=np.int32)])
             self.row = np.concatenate([self.row, np.array([p[1] for p in block], dtype=np.int64)])
         return len(self.source)
 
-    def units(self, n: int) -> np.ndarray:
-        """(n,) the unit (trained tokens, or 1) of each of the first n scheduled rows."""
-        return np.ones(n, dtype=np.int64) if self.unit == mixing.EXAMPLES else self._trained_of(n)
+    def units(self, start: int, stop: int) -> np.ndarray:
+        """(stop - start,) the unit (trained tokens, or 1) of each of those scheduled rows."""
+        return np.ones(stop - start, dtype=np.int64) if self.unit == mixing.EXAMPLES else self._trained_of(stop, start)
 
-    def _trained_of(self, n: int) -> np.ndarray:
-        out = np.zeros(n, dtype=np.int64)
+    def _trained_of(self, n: int, start: int = 0) -> np.ndarray:
+        out = np.zeros(n - start, dtype=np.int64)
         for s, trained in enumerate(self.trained):
-            mine = self.source[:n] == s
-            out[mine] = trained[self.row[:n][mine]]
+            mine = self.source[start:n] == s
+            out[mine] = trained[self.row[start:n][mine]]
         return out
 
-    def rows_for_units(self, target: int) -> int:
-        """The fewest rows whose units reach `target` (the whole mix if it ends first)."""
-        n = 0
-        while True:
-            n = self.schedule(max(2 * n, BLOCK))  # doubling: the cumulative sums below cost O(n log n) in all
-            reached = np.cumsum(self.units(n))
-            if reached[-1] >= target or self.mixture.finished:
-                return int(min(np.searchsorted(reached, target) + 1, n))
+    def rows_for_units(self, target: float) -> int:
+        """The fewest rows whose units reach `target` (all of the mix if it ends first), scheduling no row past
+        them: a source's restart is logged only when the run will see it."""
+        largest = 1 if self.unit == mixing.EXAMPLES else max(int(t.max()) for t in self.trained)
+        n, reached = 0, 0
+        while reached < target and not self.mixture.finished:
+            # No fewer rows than that can reach the target, so none of them is past it.
+            more = BLOCK if math.isinf(target) else max(1, math.ceil((target - reached) / largest))
+            done = self.schedule(n + more)
+            reached += int(self.units(n, done).sum())
+            n = done
+        reached_by = np.cumsum(self.units(0, n))
+        return int(min(np.searchsorted(reached_by, target) + 1, n))
 
     def tokens_per_source(self, n: int) -> dict[str, int]:
         """Trained tokens of the first n rows of the run, by source."""
