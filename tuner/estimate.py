@@ -296,7 +296,8 @@ def mix_lines(numbers: dict) -> list[str]:
     lines = [f"Sources, mixed in proportions of {unit}; one that runs out "
              f"{'restarts' if mix['exhausted'] == 'restart' else 'ends the run'} (--mix_exhausted {mix['exhausted']}):"]
     for s in f["sources"]:
-        data = (f"{s['train_rows']:,} rows, {s['train_trained_tokens']:,} trained tokens" if s["train_rows"] is not None
+        examples = f" ({s['train_examples_used']:,} examples)" if "train_examples_used" in s else ""
+        data = (f"{s['train_rows']:,} rows{examples}, {s['train_trained_tokens']:,} trained tokens" if s["train_rows"] is not None
                 else "streamed (sizes unknown until read)")  # fmt: skip
         run = f"; this run: {s['run_trained_tokens']:,} trained tokens" if "run_trained_tokens" in s else ""
         lines.append(f"  {s['name']:<20}weight {s['weight']:g} ({s['weight'] / weights:.1%}), {s['format']}: {data}; "

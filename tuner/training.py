@@ -149,6 +149,9 @@ class LeanLossTrainer(Trainer):
             loader = self.get_eval_dataloader(name if eval_dataset is None else dataset)  # by name: Trainer caches it
             output = self.evaluation_loop(loader, "Evaluation", prediction_loss_only=True, ignore_keys=ignore_keys,
                                           metric_key_prefix=prefix)  # fmt: skip
+            preparation = output.metrics.pop(f"{prefix}_model_preparation_time", None)  # the model's, not the set's
+            if preparation is not None:
+                metrics[f"{metric_key_prefix}_model_preparation_time"] = preparation
             metrics.update(output.metrics)
             metrics[f"{prefix}_perplexity"] = perplexity(output.metrics[f"{prefix}_loss"])
             totals = [t + part for t, part in zip(totals, self.last_eval_sums)]
