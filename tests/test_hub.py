@@ -86,3 +86,13 @@ def test_push_to_hub_without_a_token_warns_before_training(monkeypatch, caplog, 
     cfg = parse_args(["--push_to_hub", "--output_dir", str(tmp_path / "gemma-ft")])
     hub.warn_before_pushing(cfg)
     assert "no token" in caplog.text and "named after --output_dir (gemma-ft)" in caplog.text
+
+
+def test_a_mixed_hub_source_counts_as_needing_the_hub(tmp_path):
+    from tuner.config import parse_args
+
+    spec = '[{"name": "wiki", "dataset_name": "wikitext", "dataset_config_name": "wikitext-2-raw-v1"}]'
+    cfg = parse_args(["--model_name_or_path", str(tmp_path), "--datasets", spec, "--output_dir", str(tmp_path / "o")])
+    assert hub.needs_hub(cfg)
+    local = parse_args(["--model_name_or_path", str(tmp_path), "--train_file", "a.jsonl", "--output_dir", str(tmp_path / "o")])
+    assert not hub.needs_hub(local)

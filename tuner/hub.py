@@ -51,7 +51,16 @@ def needs_hub(cfg) -> bool:
     model = cfg.model_name_or_path
     model_on_hub = not offline.is_offline_reference(model) and not Path(model).exists()
     teacher = getattr(cfg, "teacher_model_name_or_path", None)
-    return model_on_hub or bool(cfg.dataset_name) or bool(cfg.push_to_hub) or bool(teacher and not Path(teacher).exists())
+    return (
+        model_on_hub or bool(cfg.dataset_name) or bool(cfg.push_to_hub) or bool(teacher and not Path(teacher).exists())
+        or any(spec.dataset_name for spec in mixed_sources(cfg))
+    )  # fmt: skip
+
+
+def mixed_sources(cfg) -> list:
+    from .source_specs import specs_from_options
+
+    return specs_from_options(cfg) or []
 
 
 def check_access(cfg) -> None:
