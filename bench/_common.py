@@ -106,3 +106,21 @@ def _children_cpu() -> float:
 def _lines(path: str) -> list[str]:
     with open(path) as f:
         return f.read().splitlines()
+
+
+def add_step_options(parser, variants) -> None:
+    """The options every one-training-step benchmark takes: the warm-up, the memory cap, the worker."""
+    import argparse
+
+    parser.add_argument("--warmup_seq_len", type=int, default=64, help="tokens per row of the untimed first step")
+    parser.add_argument("--rss_limit_gib", type=float, default=None, help="kill a variant above this RSS; default: free RAM - 1 GiB")
+    parser.add_argument("--worker", choices=variants, help=argparse.SUPPRESS)
+
+
+def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict:
+    """Random token ids, the same for every variant (seeded): timing does not depend on the text."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)  # (B, T)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common  # noqa: E402
-from bench.bench_loss import describe, random_batch  # noqa: E402
+from bench.bench_loss import describe  # noqa: E402
 
 VARIANTS = ("plain", "distill")
 
@@ -36,14 +36,12 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--warmup_seq_len", type=int, default=64, help="tokens per row of the untimed first step")
     parser.add_argument("--teacher", default=None, help="teacher checkpoint directory; default: the offline Gemma 3 270M")
     parser.add_argument("--teacher_dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--direction", choices=["forward", "reverse"], default="forward")
-    parser.add_argument("--rss_limit_gib", type=float, default=None, help="kill a variant above this RSS; default: free RAM - 1 GiB")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    _common.add_step_options(parser, VARIANTS)
     parser.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -93,8 +91,8 @@ def one_step(args) -> dict:
         # Its parameters' bytes, not the RSS that loading added: safetensors maps the file, and pages
         # become resident only when the warm-up step reads them (they are part of `start` then).
         teacher_gib = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30
-    step(model, teacher, optimizer, random_batch(model.config.vocab_size, args.batch_size, args.warmup_seq_len, seed=1), args)
-    inputs = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=0)
+    step(model, teacher, optimizer, _common.random_batch(model.config.vocab_size, args.batch_size, args.warmup_seq_len, seed=1), args)
+    inputs = _common.random_batch(model.config.vocab_size, args.batch_size, args.seq_len, seed=0)
     _common.reset_peak_rss()
     start_gib, started, cpu_started = _common.rss_gib(), time.perf_counter(), time.process_time()
     loss = step(model, teacher, optimizer, inputs, args)

@@ -43,9 +43,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference_seq_len", type=int, default=512, help="tokens per reference row (4 x 512 = 2048)")
     parser.add_argument("--reference_batch_size", type=int, default=4, help="reference rows per forward")
     parser.add_argument("--preconditioner", choices=("none", "adam"), default="none")
-    parser.add_argument("--warmup_seq_len", type=int, default=64, help="tokens per row of the untimed first step")
-    parser.add_argument("--rss_limit_gib", type=float, default=None, help="kill a variant above this RSS; default: free RAM - 1 GiB")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    _common.add_step_options(parser, VARIANTS)
     return parser.parse_args(argv)
 
 
@@ -80,12 +78,12 @@ def one_step(args) -> dict:
     model = AutoModelForCausalLM.from_pretrained(str(ensure_checkpoint()), dtype=torch.float32).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     vocab = model.config.vocab_size
-    reference = [random_batch(vocab, min(args.reference_batch_size, args.reference_rows - start), args.reference_seq_len, seed=100 + start)
+    reference = [_common.random_batch(vocab, min(args.reference_batch_size, args.reference_rows - start), args.reference_seq_len, seed=100 + start)
                  for start in range(0, args.reference_rows, args.reference_batch_size)]  # fmt: skip
     scorer = InfluenceScorer(model, reference, args.preconditioner) if args.worker == "influence" else None
-    warmup = [random_batch(vocab, args.batch_size, args.warmup_seq_len, seed=1)]
+    warmup = [_common.random_batch(vocab, args.batch_size, args.warmup_seq_len, seed=1)]
     train_step(model, optimizer, scorer, warmup, step=0)
-    batches = [random_batch(vocab, args.batch_size, args.seq_len, seed=2 + i) for i in range(args.grad_accum)]
+    batches = [_common.random_batch(vocab, args.batch_size, args.seq_len, seed=2 + i) for i in range(args.grad_accum)]
     _common.reset_peak_rss()
     start_gib = _common.rss_gib()
     timings = train_step(model, optimizer, scorer, batches, step=1)
@@ -125,14 +123,6 @@ def train_step(model, optimizer, scorer, batches: list[dict], step: int) -> dict
             "reference_s": reference_s, "reference_cpu_s": reference_cpu_s, "micro_s": micro_s,
             "micro_cpu_s": micro_cpu_s, "optimizer_s": optimizer_s, "optimizer_cpu_s": optimizer_cpu_s,
             "loss": loss_sum, "score_sum": score_sum}  # fmt: skip
-
-
-def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
 def describe(result: dict) -> str:

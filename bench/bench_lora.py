@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common  # noqa: E402
-from bench.bench_loss import random_batch  # noqa: E402
+
 
 VARIANTS = ("full", "lora", "lora+tokens")
 TURN_TOKENS = [105, 106]  # <start_of_turn>, <end_of_turn> in Gemma 3's tokenizer
@@ -41,9 +41,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq_len", type=int, default=2048)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--gradient_checkpointing", action="store_true", help="in every variant")
-    parser.add_argument("--warmup_seq_len", type=int, default=64, help="tokens per row of the untimed first step")
-    parser.add_argument("--rss_limit_gib", type=float, default=None, help="kill a variant above this RSS; default: free RAM - 1 GiB")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    _common.add_step_options(parser, VARIANTS)
     return parser.parse_args(argv)
 
 
@@ -106,8 +104,8 @@ def one_step(args) -> dict:
         return loss.item()
 
     vocab = model.config.vocab_size
-    step(random_batch(vocab, args.batch_size, args.warmup_seq_len, seed=1))
-    inputs = random_batch(vocab, args.batch_size, args.seq_len, seed=0)
+    step(_common.random_batch(vocab, args.batch_size, args.warmup_seq_len, seed=1))
+    inputs = _common.random_batch(vocab, args.batch_size, args.seq_len, seed=0)
     _common.reset_peak_rss()
     start_gib, started, cpu_started = _common.rss_gib(), time.perf_counter(), time.process_time()
     loss = step(inputs)

@@ -34,9 +34,7 @@ def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--seq_len", type=int, default=2048)
-    parser.add_argument("--warmup_seq_len", type=int, default=64, help="tokens per row of the untimed first step")
-    parser.add_argument("--rss_limit_gib", type=float, default=None, help="kill a variant above this RSS; default: free RAM - 1 GiB")
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    _common.add_step_options(parser, VARIANTS)
     parser.add_argument("--batch_size", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -82,8 +80,8 @@ def one_step(variant: str, batch: int, seq_len: int, warmup_seq_len: int) -> dic
         optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    step(random_batch(model.config.vocab_size, batch, warmup_seq_len, seed=1))
-    inputs = random_batch(model.config.vocab_size, batch, seq_len, seed=0)
+    step(_common.random_batch(model.config.vocab_size, batch, warmup_seq_len, seed=1))
+    inputs = _common.random_batch(model.config.vocab_size, batch, seq_len, seed=0)
     _common.reset_peak_rss()
     start_gib, started = _common.rss_gib(), time.perf_counter()
     cpu_started = time.process_time()
@@ -92,14 +90,6 @@ def one_step(variant: str, batch: int, seq_len: int, warmup_seq_len: int) -> dic
     peak_gib = _common.rss_gib(field="VmHWM")
     return {"loss": loss, "seconds": seconds, "cpu_seconds": cpu_seconds, "tokens": batch * seq_len,
             "peak_gib": peak_gib, "start_gib": start_gib}  # fmt: skip
-
-
-def random_batch(vocab_size: int, batch: int, seq_len: int, seed: int) -> dict:
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)  # (B, T)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
 def describe(result: dict) -> str:

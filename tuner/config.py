@@ -240,7 +240,7 @@ def _with_our_defaults(base: type) -> type:
         fields.append((name, hints[name], field(default=default, metadata={**original.metadata, "help": help_text})))
     cls = dataclasses.make_dataclass("TrainerOptions", fields, bases=(base,))
     cls.__module__ = __name__  # pickled with training_args.bin: must be importable by name
-    cls._argument_group_name = f"TrainingArguments (transformers; tuner's defaults where marked [tuner: ...])"
+    cls._argument_group_name = "TrainingArguments (transformers; tuner's defaults where marked [tuner: ...])"
     return cls
 
 
