@@ -117,6 +117,25 @@ def dry_run(cfg: Config, model_config, tokenizer, datasets) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
+    results = run(argv)
+    release_processes()
+    return results
+
+
+def release_processes() -> None:
+    """After a run that succeeded everywhere: every process meets, then ends its process group while
+    the interpreter is whole. Left to interpreter exit, gloo's worker threads can abort the process
+    (SIGABRT, "terminate called without an active exception") after a perfect run."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+        PartialState().destroy_process_group()
+
+
+def run(argv: list[str] | None) -> dict:
     try:
         cfg = configure(argv)
         model_path, model_config, tokenizer, datasets = prepare(cfg)

@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 from transformers import TrainerCallback
