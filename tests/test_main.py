@@ -8,10 +8,10 @@ import os
 import signal
 
 import pytest
+from tiny import tiny_args
 from transformers import TrainerCallback
 
 import main as entry
-from tiny import tiny_args
 from tuner import training
 
 
