@@ -8,8 +8,10 @@ runs and how many of the corrupted documents the bottom 20% caught.
 
 Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics), each one training
 example (a chat turn: "Quote a paragraph of the Python reference." -> the paragraph; the loss is on
-the paragraph). Clean held-out paragraphs are the reference set and the evaluation set. Corruption:
-the words of a document shuffled (same words, no syntax), as a broken scraper or a bad join would.
+the paragraph). Clean held-out paragraphs are the reference set and the evaluation set. Corruption
+(--corruption): `shuffled`, the words of a document shuffled (same words, no syntax), as a broken
+scraper or a bad join would; `code`, the document replaced by a block of the standard library's
+Python source of the same length (text from another domain, as a mis-labelled source would add).
 Goal: influence-filtered beats random on held-out loss, and the bottom 20% catches >= 70% of the
 corrupted documents.
 """
@@ -46,6 +48,18 @@ def shuffled(text: str, rng: random.Random) -> str:
     words = text.split()
     rng.shuffle(words)
     return " ".join(words)
+
+
+def code_blocks(min_chars: int, max_chars: int) -> list[str]:
+    """Blocks of the standard library's source (blank-line separated), lengths as the paragraphs'."""
+    import sysconfig
+
+    found = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
+            if min_chars <= len(block) <= max_chars and '"""' not in block:
+                found.append(block.strip("\n"))
+    return found
 
 
 def chat(text: str) -> dict:
@@ -97,21 +111,28 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=14)
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--corruption", choices=("shuffled", "code"), default="shuffled", help="shuffled: words of the document shuffled; code: replaced by standard-library source")
+    parser.add_argument("--influence_val_examples", default="all", help="the reference set: held-out examples scored against")
     args = parser.parse_args()
     rng = random.Random(0)
     texts = paragraphs(200, 600)
     rng.shuffle(texts)
     train_texts, held_out = texts[: args.documents], texts[args.documents : args.documents + args.held_out]
     corrupted = set(rng.sample(range(args.documents), round(args.corrupt * args.documents)))
-    train_texts = [shuffled(t, rng) if i in corrupted else t for i, t in enumerate(train_texts)]
+    if args.corruption == "code":
+        code = code_blocks(200, 600)
+        replacement = {i: code[j] for i, j in zip(sorted(corrupted), rng.sample(range(len(code)), len(corrupted)))}
+    else:
+        replacement = {i: shuffled(train_texts[i], rng) for i in sorted(corrupted)}
+    train_texts = [replacement.get(i, t) for i, t in enumerate(train_texts)]
     print(f"machine: {machine()}\nload average before: {load_average()}")
-    print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} with their words shuffled), "
+    print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} corrupted: {args.corruption}), "
           f"{len(held_out)} clean held-out; {args.steps} steps of 4 packed rows of <= {args.max_seq_length} tokens")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="influence-selection-") as tmp:
         work = Path(tmp)
         validation = write(work / "validation.jsonl", held_out)
         full = train("all documents", write(work / "all.jsonl", train_texts), validation, work, args,
-                     "--influence", "--influence_val_examples", "all")  # fmt: skip
+                     "--influence", "--influence_val_examples", args.influence_val_examples)  # fmt: skip
         dropped = least_influential(full["out"], args.corrupt, args.documents)
         caught = len(corrupted.intersection(dropped))
         keep = [t for i, t in enumerate(train_texts) if i not in set(dropped)]
