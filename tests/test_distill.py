@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tiny import build_model, build_tokenizer
+from tiny import build_model, build_tokenizer, masked_batch
 
 from tuner.distill import (
     DISTILL_BUFFERS,
@@ -204,14 +204,7 @@ def models(request):
 
 @pytest.fixture
 def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, VOCAB, (BATCH, SEQ), generator=generator)
-    attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    attention_mask[1, -3:] = 0  # right padding
-    labels = input_ids.clone()
-    labels[1, -3:] = -100
-    labels[0, 2:4] = -100  # e.g. a masked prompt
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return masked_batch(VOCAB, BATCH, SEQ)
 
 
 def full_logit_loss(student, teacher, batch, alpha, temperature, direction, num_items=None):

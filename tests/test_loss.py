@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny import build_model
+from tiny import build_model, masked_batch
 from tuner.loss import chunked_cross_entropy_sum, compute_causal_lm_loss, liger_problem
 
 VOCAB, BATCH, SEQ = 96, 2, 11  # 22 tokens, so a chunk of 4 leaves a remainder
@@ -23,14 +23,7 @@ def model():
 
 @pytest.fixture
 def batch():
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(4, VOCAB, (BATCH, SEQ), generator=generator)
-    attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)
-    attention_mask[1, -3:] = 0  # right padding
-    labels = input_ids.clone()
-    labels[1, -3:] = -100
-    labels[0, 2:4] = -100  # e.g. a masked prompt
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return masked_batch(VOCAB, BATCH, SEQ)
 
 
 def loss_and_grads(model, compute):

@@ -54,6 +54,20 @@ def build_model(vocab_size: int, seed: int = 0):
     return Gemma3ForCausalLM(config)
 
 
+def masked_batch(vocab: int, batch: int, seq: int) -> dict:
+    """Random ids with right padding in row 1 and a masked stretch (a prompt) in row 0."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(4, vocab, (batch, seq), generator=generator)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    attention_mask[1, -3:] = 0
+    labels = input_ids.clone()
+    labels[1, -3:] = -100
+    labels[0, 2:4] = -100
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
 def save_tiny_model(directory: Path) -> Path:
     tokenizer = build_tokenizer()
     model = build_model(len(tokenizer))
