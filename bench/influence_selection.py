@@ -1,9 +1,10 @@
 """Is per-example influence useful? Corrupt 20% of a real corpus, train the offline Gemma 3 270M
 with --influence, then retrain from the same start for the same number of steps twice: without the
-20% least influential examples, and without a random 20%. Prints the held-out loss of all three
-runs and how many of the corrupted documents the bottom 20% caught.
+20% least influential examples, and without a random 20% (and, for scale, without exactly the
+corrupted ones). Prints the held-out loss of every run and how many of the corrupted documents the
+bottom 20% caught.
 
-    .venv/bin/python bench/influence_selection.py                 # ~20 min on 2 CPU cores
+    .venv/bin/python bench/influence_selection.py                 # ~40 min on 2 CPU cores
     .venv/bin/python bench/influence_selection.py --documents 60  # a quick look
 
 Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics), each one training
@@ -140,9 +141,13 @@ def main() -> None:
         random_drop = set(random.Random(1).sample(range(args.documents), len(dropped)))
         keep_random = [t for i, t in enumerate(train_texts) if i not in random_drop]
         randomly = train("random-filtered", write(work / "random.jsonl", keep_random), validation, work, args)
+        # The best any filter could do here: without exactly the corrupted documents.
+        keep_clean = [t for i, t in enumerate(train_texts) if i not in corrupted]
+        oracle = train("without corrupted", write(work / "clean.jsonl", keep_clean), validation, work, args)
     print(f"load average after: {load_average()}")
     print(f"held-out loss: all {full['eval_loss']:.4f}, without the {len(dropped)} least influential "
-          f"{filtered['eval_loss']:.4f}, without a random {len(dropped)} {randomly['eval_loss']:.4f}")
+          f"{filtered['eval_loss']:.4f}, without a random {len(dropped)} {randomly['eval_loss']:.4f}, "
+          f"without the {len(corrupted)} corrupted {oracle['eval_loss']:.4f}")
     print(f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents "
           f"({100 * caught / len(corrupted):.0f}%)")
     verdict = "meets" if filtered["eval_loss"] < randomly["eval_loss"] and caught >= 0.7 * len(corrupted) else "misses"
