@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--corruption", choices=("shuffled", "code"), default="shuffled", help="shuffled: words of the document shuffled; code: replaced by standard-library source")
     parser.add_argument("--influence_val_examples", default="all", help="the reference set: held-out examples scored against")
+    parser.add_argument("--preconditioner", choices=("none", "adam"), default="none", help="--influence_preconditioner")
     args = parser.parse_args()
     rng = random.Random(0)
     texts = paragraphs(200, 600)
@@ -133,7 +134,8 @@ def main() -> None:
         work = Path(tmp)
         validation = write(work / "validation.jsonl", held_out)
         full = train("all documents", write(work / "all.jsonl", train_texts), validation, work, args,
-                     "--influence", "--influence_val_examples", args.influence_val_examples)  # fmt: skip
+                     "--influence", "--influence_val_examples", args.influence_val_examples,
+                     "--influence_preconditioner", args.preconditioner)  # fmt: skip
         dropped = least_influential(full["out"], args.corrupt, args.documents)
         caught = len(corrupted.intersection(dropped))
         keep = [t for i, t in enumerate(train_texts) if i not in set(dropped)]
