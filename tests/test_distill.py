@@ -8,9 +8,8 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from tiny import build_model, build_tokenizer, masked_batch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tuner.distill import (
     DISTILL_BUFFERS,

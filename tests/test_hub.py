@@ -35,7 +35,8 @@ def unreachable_hub_env(tmp_path: Path) -> dict[str, str]:
 def timed_main(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(ROOT / "main.py"), *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd
+        [sys.executable, str(ROOT / "main.py"), *args], env=env, capture_output=True, text=True, timeout=120, cwd=cwd,
+        check=False,
     )  # fmt: skip
     return result, time.monotonic() - started
 

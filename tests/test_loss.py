@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny import build_model, masked_batch
+
 from tuner.loss import chunked_cross_entropy_sum, compute_causal_lm_loss, liger_problem
 
 VOCAB, BATCH, SEQ = 96, 2, 11  # 22 tokens, so a chunk of 4 leaves a remainder
