@@ -62,7 +62,9 @@ def random_problem(dtype, n=15, hidden=8, teacher_hidden=12, vocab=VOCAB, seed=0
 
 
 def tolerances(dtype):
-    return {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    # float64 is the exactness check. In float32 the chunked and the full-logit sums round in different orders:
+    # gradient entries of size ~1 differ by up to ~1e-6 (seen 1.14e-6 on an Intel Xeon), a real error by ~1e-2.
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
