@@ -30,6 +30,8 @@ from pathlib import Path
 
 from _common import ROOT, command_line, load_average, machine
 
+sys.path.insert(0, str(ROOT))
+
 PROMPT = "Quote a paragraph of the Python reference documentation."
 
 
@@ -51,6 +53,21 @@ def shuffled(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
+def shuffled_tokens(texts: dict[int, str], rng: random.Random) -> dict[int, str]:
+    """Each text's tokens (Gemma 3's tokenizer) in random order, decoded: subword debris of the same vocabulary."""
+    from transformers import AutoTokenizer
+
+    from tuner.offline import ensure_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_checkpoint())
+    found = {}
+    for i, text in texts.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        rng.shuffle(ids)
+        found[i] = tokenizer.decode(ids)
+    return found
+
+
 def code_blocks(min_chars: int, max_chars: int) -> list[str]:
     """Blocks of the standard library's source (blank-line separated), lengths as the paragraphs'."""
     import sysconfig
@@ -63,12 +80,14 @@ def code_blocks(min_chars: int, max_chars: int) -> list[str]:
     return found
 
 
-def chat(text: str) -> dict:
-    return {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": text}]}
+def row(text: str, layout: str) -> dict:
+    if layout == "chat":
+        return {"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": text}]}
+    return {"prompt": "", "completion": text}  # <bos> text <eos>, every token trained
 
 
-def write(path: Path, texts: list[str]) -> str:
-    path.write_text("".join(json.dumps(chat(t)) + "\n" for t in texts), encoding="utf-8")
+def write(path: Path, texts: list[str], layout: str) -> str:
+    path.write_text("".join(json.dumps(row(t, layout)) + "\n" for t in texts), encoding="utf-8")
     return str(path)
 
 
@@ -76,20 +95,34 @@ def train(name: str, train_file: str, validation_file: str, work: Path, args, *e
     out = work / name
     cmd = [
         sys.executable, str(ROOT / "main.py"), "--model_name_or_path", "offline:gemma-3-270m", "--train_file", train_file,
-        "--validation_file", validation_file, "--output_dir", str(out), "--data_format", "messages",
+        "--validation_file", validation_file, "--output_dir", str(out), "--data_format", "messages" if args.layout == "chat" else "prompt_completion",
         "--max_seq_length", str(args.max_seq_length), "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", "1", "--max_steps", str(args.steps),
-        "--learning_rate", str(args.learning_rate), "--warmup_steps", "2", "--lr_scheduler_type", "constant_with_warmup",
-        "--logging_steps", "5", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
-        "--max_new_tokens", "0", "--eval_before_training", "false", "--seed", "7", "--cache_dir", str(work / "tokens"), *extra,
+        "--per_device_eval_batch_size", "8", "--gradient_accumulation_steps", str(accumulation(args)), "--max_steps", str(args.steps),
+        "--learning_rate", str(args.learning_rate), "--warmup_steps", str(args.warmup_steps), "--lr_scheduler_type", "constant_with_warmup",
+        "--logging_steps", "1", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
+        "--max_new_tokens", "0", "--seed", "7", "--cache_dir", str(work / "tokens"), *extra,
     ]  # fmt: skip
     started = time.time()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
     results = json.loads((out / "eval_results.json").read_text())
-    print(f"  {name:<18} eval_loss {results['eval_loss']:.4f}  ({time.time() - started:.0f} s)", flush=True)
+    before = json.loads((out / "run_summary.json").read_text()).get("eval_loss_before_training")
+    start = f"  (before training {before:.4f})" if before is not None else ""
+    print(f"  {name:<18} eval_loss {results['eval_loss']:.4f}{start}  ({time.time() - started:.0f} s)", flush=True)
     return {"eval_loss": results["eval_loss"], "out": out}
+
+
+def accumulation(args) -> int:
+    """Micro-batches per step; 0 asks for the whole training set in every step (each row holds >= 1 document, so
+    ceil(documents / 4) micro-batches cover an epoch, and the Trainer ends a step at the epoch's end)."""
+    return args.grad_accum or -(-args.documents // 4)
+
+
+def source_rows(out: Path) -> dict[int, int]:
+    """example_id -> its row in the training file (influence/examples.jsonl)."""
+    examples = [json.loads(line) for line in (out / "influence" / "examples.jsonl").read_text().splitlines()]
+    return {e["example_id"]: (e["rows"][0] if e.get("rows") else e["example_id"]) for e in examples}
 
 
 def least_influential(out: Path, fraction: float, n_train: int) -> list[int]:
@@ -97,11 +130,26 @@ def least_influential(out: Path, fraction: float, n_train: int) -> list[int]:
     import pyarrow.parquet as pq
 
     influence = pq.read_table(out / "influence" / "influence.parquet").to_pandas().set_index("example_id")["influence"]
-    examples = [json.loads(line) for line in (out / "influence" / "examples.jsonl").read_text().splitlines()]
-    row_of = {e["example_id"]: (e["rows"][0] if e.get("rows") else e["example_id"]) for e in examples}
+    row_of = source_rows(out)
     by_row = {row_of[i]: value for i, value in influence.items()}
     ranked = sorted(range(n_train), key=lambda row: (by_row.get(row, 0.0), row))
     return ranked[: round(fraction * n_train)]
+
+
+def separation_per_step(out: Path, corrupted: set[int]) -> list[float]:
+    """Per scored step, the share of (corrupted, clean) pairs of its examples in which the corrupted one scores
+    lower (the area under the ROC curve of -score as a detector; 0.5 is chance)."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    scores = pq.read_table(out / "influence" / "scores.parquet").to_pandas()
+    scores["bad"] = scores["example_id"].map(source_rows(out)).isin(corrupted)
+    found = []
+    for _, step in scores.groupby("step"):
+        bad, clean = step.loc[step["bad"], "score"].to_numpy(), step.loc[~step["bad"], "score"].to_numpy()
+        if len(bad) and len(clean):
+            found.append(float((bad[:, None] < clean[None, :]).mean()))
+    return found
 
 
 def main() -> None:
@@ -110,20 +158,29 @@ def main() -> None:
     parser.add_argument("--held_out", type=int, default=48, help="clean held-out documents (reference and evaluation)")
     parser.add_argument("--corrupt", type=float, default=0.2, help="fraction of training documents corrupted and removed")
     parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--grad_accum", type=int, default=0, help="micro-batches of 4 rows per step; 0: the whole training set")
+    parser.add_argument("--warmup_steps", type=int, default=0)
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--corruption", choices=("shuffled", "code"), default="shuffled", help="shuffled: words of the document shuffled; code: replaced by standard-library source")
+    parser.add_argument("--layout", choices=("chat", "documents"), default="chat", help="chat: each paragraph an answer; documents: <bos> paragraph <eos>")
+    parser.add_argument("--min_chars", type=int, default=200)
+    parser.add_argument("--max_chars", type=int, default=600)
+    parser.add_argument("--corruption", choices=("shuffled", "tokens", "code"), default="shuffled", help="shuffled: words of the document shuffled; tokens: its tokens shuffled; code: replaced by standard-library source")
     parser.add_argument("--influence_val_examples", default="all", help="the reference set: held-out examples scored against")
     parser.add_argument("--preconditioner", choices=("none", "adam"), default="none", help="--influence_preconditioner")
+    parser.add_argument("--work", help="keep every run's output here (default: a temporary directory)")
+    parser.add_argument("--influence_only", action="store_true", help="stop after the influence run")
     args = parser.parse_args()
     rng = random.Random(0)
-    texts = paragraphs(200, 600)
+    texts = paragraphs(args.min_chars, args.max_chars)
     rng.shuffle(texts)
     train_texts, held_out = texts[: args.documents], texts[args.documents : args.documents + args.held_out]
     corrupted = set(rng.sample(range(args.documents), round(args.corrupt * args.documents)))
     if args.corruption == "code":
-        code = code_blocks(200, 600)
+        code = code_blocks(args.min_chars, args.max_chars)
         replacement = {i: code[j] for i, j in zip(sorted(corrupted), rng.sample(range(len(code)), len(corrupted)))}
+    elif args.corruption == "tokens":
+        replacement = shuffled_tokens({i: train_texts[i] for i in sorted(corrupted)}, rng)
     else:
         replacement = {i: shuffled(train_texts[i], rng) for i in sorted(corrupted)}
     train_texts = [replacement.get(i, t) for i, t in enumerate(train_texts)]
@@ -131,21 +188,29 @@ def main() -> None:
     print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} corrupted: {args.corruption}), "
           f"{len(held_out)} clean held-out; {args.steps} steps of 4 packed rows of <= {args.max_seq_length} tokens")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="influence-selection-") as tmp:
-        work = Path(tmp)
-        validation = write(work / "validation.jsonl", held_out)
-        full = train("all documents", write(work / "all.jsonl", train_texts), validation, work, args,
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "corrupted.json").write_text(json.dumps(sorted(corrupted)))
+        validation = write(work / "validation.jsonl", held_out, args.layout)
+        full = train("all documents", write(work / "all.jsonl", train_texts, args.layout), validation, work, args,
                      "--influence", "--influence_val_examples", args.influence_val_examples,
                      "--influence_preconditioner", args.preconditioner)  # fmt: skip
         dropped = least_influential(full["out"], args.corrupt, args.documents)
         caught = len(corrupted.intersection(dropped))
+        print("per step, corrupted scored below clean in this share of pairs:",
+              " ".join(f"{a:.2f}" for a in separation_per_step(full["out"], corrupted)))
+        print(f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents "
+              f"({100 * caught / len(corrupted):.0f}%)")
+        if args.influence_only:
+            return
         keep = [t for i, t in enumerate(train_texts) if i not in set(dropped)]
-        filtered = train("influence-filtered", write(work / "filtered.jsonl", keep), validation, work, args)
+        filtered = train("influence-filtered", write(work / "filtered.jsonl", keep, args.layout), validation, work, args)
         random_drop = set(random.Random(1).sample(range(args.documents), len(dropped)))
         keep_random = [t for i, t in enumerate(train_texts) if i not in random_drop]
-        randomly = train("random-filtered", write(work / "random.jsonl", keep_random), validation, work, args)
+        randomly = train("random-filtered", write(work / "random.jsonl", keep_random, args.layout), validation, work, args)
         # The best any filter could do here: without exactly the corrupted documents.
         keep_clean = [t for i, t in enumerate(train_texts) if i not in corrupted]
-        oracle = train("without corrupted", write(work / "clean.jsonl", keep_clean), validation, work, args)
+        oracle = train("without corrupted", write(work / "clean.jsonl", keep_clean, args.layout), validation, work, args)
     print(f"load average after: {load_average()}")
     print(f"held-out loss: all {full['eval_loss']:.4f}, without the {len(dropped)} least influential "
           f"{filtered['eval_loss']:.4f}, without a random {len(dropped)} {randomly['eval_loss']:.4f}, "
