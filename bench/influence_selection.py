@@ -103,7 +103,7 @@ def train(name: str, train_file: str, validation_file: str, work: Path, args, *e
         "--max_new_tokens", "0", "--seed", "7", "--cache_dir", str(work / "tokens"), *extra,
     ]  # fmt: skip
     started = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
     results = json.loads((out / "eval_results.json").read_text())
@@ -125,6 +125,11 @@ def source_rows(out: Path) -> dict[int, int]:
     return {e["example_id"]: (e["rows"][0] if e.get("rows") else e["example_id"]) for e in examples}
 
 
+def steps_of(args) -> str:
+    rows = f"packed rows of <= {args.max_seq_length} tokens, 4 per micro-batch"
+    return f"the whole training set ({rows})" if not args.grad_accum else f"{args.grad_accum} micro-batches ({rows})"
+
+
 def least_influential(out: Path, fraction: float, n_train: int) -> list[int]:
     """Source rows of the `fraction` least influential training examples (never seen: influence 0)."""
     import pyarrow.parquet as pq
@@ -139,7 +144,6 @@ def least_influential(out: Path, fraction: float, n_train: int) -> list[int]:
 def separation_per_step(out: Path, corrupted: set[int]) -> list[float]:
     """Per scored step, the share of (corrupted, clean) pairs of its examples in which the corrupted one scores
     lower (the area under the ROC curve of -score as a detector; 0.5 is chance)."""
-    import numpy as np
     import pyarrow.parquet as pq
 
     scores = pq.read_table(out / "influence" / "scores.parquet").to_pandas()
@@ -154,23 +158,37 @@ def separation_per_step(out: Path, corrupted: set[int]) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--documents", type=int, default=120, help="training documents")
+    parser.add_argument("--documents", type=int, default=100, help="training documents")
     parser.add_argument("--held_out", type=int, default=48, help="clean held-out documents (reference and evaluation)")
     parser.add_argument("--corrupt", type=float, default=0.2, help="fraction of training documents corrupted and removed")
-    parser.add_argument("--steps", type=int, default=14)
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of every run")
     parser.add_argument("--grad_accum", type=int, default=0, help="micro-batches of 4 rows per step; 0: the whole training set")
-    parser.add_argument("--warmup_steps", type=int, default=0)
-    parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--layout", choices=("chat", "documents"), default="chat", help="chat: each paragraph an answer; documents: <bos> paragraph <eos>")
-    parser.add_argument("--min_chars", type=int, default=200)
-    parser.add_argument("--max_chars", type=int, default=600)
-    parser.add_argument("--corruption", choices=("shuffled", "tokens", "code"), default="shuffled", help="shuffled: words of the document shuffled; tokens: its tokens shuffled; code: replaced by standard-library source")
+    parser.add_argument("--warmup_steps", type=int, default=0, help="then a constant learning rate")
+    parser.add_argument("--max_seq_length", type=int, default=256, help="tokens per packed row")
+    parser.add_argument("--learning_rate", type=float, default=2e-5, help="AdamW")
+    parser.add_argument("--layout", choices=("chat", "documents"), default="documents", help="documents: each paragraph an example, <bos> paragraph <eos>; chat: each paragraph an answer")
+    parser.add_argument("--min_chars", type=int, default=100, help="paragraph length, characters")
+    parser.add_argument("--max_chars", type=int, default=300)
+    parser.add_argument("--corruption", choices=("tokens", "shuffled", "code"), default="tokens", help="shuffled: words of the document shuffled; tokens: its tokens shuffled; code: replaced by standard-library source")
     parser.add_argument("--influence_val_examples", default="all", help="the reference set: held-out examples scored against")
-    parser.add_argument("--preconditioner", choices=("none", "adam"), default="none", help="--influence_preconditioner")
+    parser.add_argument("--preconditioner", choices=("none", "adam"), default="adam", help="--influence_preconditioner")
     parser.add_argument("--work", help="keep every run's output here (default: a temporary directory)")
     parser.add_argument("--influence_only", action="store_true", help="stop after the influence run")
+    parser.add_argument("--random_draws", type=int, default=3, help="runs without a random 20%%, each another draw")
     args = parser.parse_args()
+    train_texts, held_out, corrupted = corpus(args)
+    print(f"machine: {machine()}\nload average before: {load_average()}")
+    print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} corrupted: {args.corruption}), "
+          f"{len(held_out)} clean held-out; {args.steps} steps of {steps_of(args)}, AdamW lr {args.learning_rate}")  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="influence-selection-") as tmp:
+        work = Path(args.work or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        run(args, work, train_texts, held_out, corrupted)
+    print(f"reproduce: {command_line()}")
+
+
+def corpus(args) -> tuple[list[str], list[str], set[int]]:
+    """Training paragraphs (the corrupted ones replaced), clean held-out paragraphs, the corrupted rows."""
     rng = random.Random(0)
     texts = paragraphs(args.min_chars, args.max_chars)
     rng.shuffle(texts)
@@ -183,43 +201,41 @@ def main() -> None:
         replacement = shuffled_tokens({i: train_texts[i] for i in sorted(corrupted)}, rng)
     else:
         replacement = {i: shuffled(train_texts[i], rng) for i in sorted(corrupted)}
-    train_texts = [replacement.get(i, t) for i, t in enumerate(train_texts)]
-    print(f"machine: {machine()}\nload average before: {load_average()}")
-    print(f"{args.documents} training paragraphs of pydoc_data.topics ({len(corrupted)} corrupted: {args.corruption}), "
-          f"{len(held_out)} clean held-out; {args.steps} steps of 4 packed rows of <= {args.max_seq_length} tokens")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="influence-selection-") as tmp:
-        work = Path(args.work or tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "corrupted.json").write_text(json.dumps(sorted(corrupted)))
-        validation = write(work / "validation.jsonl", held_out, args.layout)
-        full = train("all documents", write(work / "all.jsonl", train_texts, args.layout), validation, work, args,
-                     "--influence", "--influence_val_examples", args.influence_val_examples,
-                     "--influence_preconditioner", args.preconditioner)  # fmt: skip
-        dropped = least_influential(full["out"], args.corrupt, args.documents)
-        caught = len(corrupted.intersection(dropped))
-        print("per step, corrupted scored below clean in this share of pairs:",
-              " ".join(f"{a:.2f}" for a in separation_per_step(full["out"], corrupted)))
-        print(f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents "
-              f"({100 * caught / len(corrupted):.0f}%)")
-        if args.influence_only:
-            return
-        keep = [t for i, t in enumerate(train_texts) if i not in set(dropped)]
-        filtered = train("influence-filtered", write(work / "filtered.jsonl", keep, args.layout), validation, work, args)
-        random_drop = set(random.Random(1).sample(range(args.documents), len(dropped)))
-        keep_random = [t for i, t in enumerate(train_texts) if i not in random_drop]
-        randomly = train("random-filtered", write(work / "random.jsonl", keep_random, args.layout), validation, work, args)
-        # The best any filter could do here: without exactly the corrupted documents.
-        keep_clean = [t for i, t in enumerate(train_texts) if i not in corrupted]
-        oracle = train("without corrupted", write(work / "clean.jsonl", keep_clean, args.layout), validation, work, args)
+    return [replacement.get(i, t) for i, t in enumerate(train_texts)], held_out, corrupted
+
+
+def run(args, work: Path, train_texts: list[str], held_out: list[str], corrupted: set[int]) -> None:
+    (work / "corrupted.json").write_text(json.dumps(sorted(corrupted)))
+    validation = write(work / "validation.jsonl", held_out, args.layout)
+
+    def without(name: str, rows: set[int]) -> float:
+        kept = [t for i, t in enumerate(train_texts) if i not in rows]
+        return train(name, write(work / f"{name}.jsonl", kept, args.layout), validation, work, args)["eval_loss"]
+
+    full = train("all", write(work / "all.jsonl", train_texts, args.layout), validation, work, args,
+                 "--influence", "--influence_val_examples", args.influence_val_examples,
+                 "--influence_preconditioner", args.preconditioner)  # fmt: skip
+    dropped = set(least_influential(full["out"], args.corrupt, args.documents))
+    caught = len(corrupted & dropped)
+    print("per step, corrupted scored below clean in this share of pairs:",
+          " ".join(f"{a:.2f}" for a in separation_per_step(full["out"], corrupted)))
+    catch = f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents ({100 * caught / len(corrupted):.0f}%)"
+    print(catch, flush=True)
+    if args.influence_only:
+        return
+    filtered = without("influence-filtered", dropped)
+    draws = [without(f"random-{seed}", set(random.Random(seed).sample(range(args.documents), len(dropped))))
+             for seed in range(1, args.random_draws + 1)]  # fmt: skip
+    oracle = without("without-corrupted", corrupted)  # the best any filter could do here, for scale
+    mean = sum(draws) / len(draws)
     print(f"load average after: {load_average()}")
-    print(f"held-out loss: all {full['eval_loss']:.4f}, without the {len(dropped)} least influential "
-          f"{filtered['eval_loss']:.4f}, without a random {len(dropped)} {randomly['eval_loss']:.4f}, "
-          f"without the {len(corrupted)} corrupted {oracle['eval_loss']:.4f}")
-    print(f"the least influential {len(dropped)} caught {caught} of the {len(corrupted)} corrupted documents "
-          f"({100 * caught / len(corrupted):.0f}%)")
-    verdict = "meets" if filtered["eval_loss"] < randomly["eval_loss"] and caught >= 0.7 * len(corrupted) else "misses"
-    print(f"goal (filtered < random, catch >= 70%): {verdict}")
-    print(f"reproduce: {command_line()}")
+    print(f"held-out loss: all {full['eval_loss']:.4f}; without the {len(dropped)} least influential {filtered:.4f}; "
+          f"without a random {len(dropped)} {' '.join(f'{d:.4f}' for d in draws)} (mean {mean:.4f}); "
+          f"without the {len(corrupted)} corrupted {oracle:.4f}")  # fmt: skip
+    print(catch)
+    beaten = sum(filtered < d for d in draws)
+    verdict = "meets" if filtered < mean and caught >= 0.7 * len(corrupted) else "misses"
+    print(f"influence-filtered beats {beaten} of {len(draws)} random draws; goal (filtered < random mean, catch >= 70%): {verdict}")
 
 
 if __name__ == "__main__":
