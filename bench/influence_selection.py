@@ -1,18 +1,35 @@
 """Is per-example influence useful? Corrupt 20% of a real corpus, train the offline Gemma 3 270M
-with --influence, then retrain from the same start for the same number of steps twice: without the
-20% least influential examples, and without a random 20% (and, for scale, without exactly the
-corrupted ones). Prints the held-out loss of every run and how many of the corrupted documents the
-bottom 20% caught.
+with --influence, then retrain from the same start for the same number of steps: without the 20%
+least influential examples, and without a random 20% (--random_draws draws; and, for scale, without
+exactly the corrupted ones). Prints the held-out loss of every run and how many of the corrupted
+documents the bottom 20% caught.
 
-    .venv/bin/python bench/influence_selection.py                 # ~40 min on 2 CPU cores
-    .venv/bin/python bench/influence_selection.py --documents 60  # a quick look
+    .venv/bin/python bench/influence_selection.py                     # ~25 min on 2 CPU cores
+    .venv/bin/python bench/influence_selection.py --corruption code
+    .venv/bin/python bench/influence_selection.py --influence_only    # the catch only, ~5 min
 
-Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics), each one training
-example (a chat turn: "Quote a paragraph of the Python reference." -> the paragraph; the loss is on
-the paragraph). Clean held-out paragraphs are the reference set and the evaluation set. Corruption
-(--corruption): `shuffled`, the words of a document shuffled (same words, no syntax), as a broken
-scraper or a bad join would; `code`, the document replaced by a block of the standard library's
-Python source of the same length (text from another domain, as a mis-labelled source would add).
+Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics) of 100-300 characters,
+each its own training example (`<bos> paragraph <eos>`, every token trained; --layout chat makes each
+an answer to one fixed question). 48 clean held-out paragraphs are the reference set and the
+evaluation set. Corruption (--corruption): `tokens`, the document's tokens shuffled (the same
+vocabulary, no language); `shuffled`, its words shuffled; `code`, replaced by a block of the standard
+library's Python source of the same length (text from another domain).
+
+The design, and why (each measured with --influence_only and the per-step scores):
+- Every step trains on the whole training set (gradient accumulation over all of it), so every
+  example is scored at the same weights in every step and the sums compare like for like. With
+  minibatches an example's influence is mostly the scale of the step it happened to be drawn in
+  (scores fell ~5x from the first epoch to the second): a run of 20 steps of 4 rows on 120 longer paragraphs
+  caught 42%, although within each step the corrupted examples scored below the clean ones in 80%
+  of pairs.
+- --influence_preconditioner adam, what AdamW does with a gradient. Unpreconditioned, the untrained
+  model's MLP gradients align with the reference set as much for shuffled tokens as for clean text
+  (corrupted below clean in 47% of pairs for the MLP part of the first step's scores, 79% for the
+  tied embedding and head): 50% caught in the same 4 steps.
+- Few steps: 100 paragraphs are memorised within ~5 whole-set steps at 2e-5, after which the
+  held-out loss rises and a training example's score says how well it is memorised rather than what
+  it teaches (summed over steps 5-8 of a longer run, the bottom 20% held 2 of the 20 corrupted). 4 steps is where
+  the full run's held-out loss was lowest of those measured (3: 3.137, 4: 3.109, 6: 3.194).
 Goal: influence-filtered beats random on held-out loss, and the bottom 20% catches >= 70% of the
 corrupted documents.
 """
@@ -161,7 +178,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=100, help="training documents")
     parser.add_argument("--held_out", type=int, default=48, help="clean held-out documents (reference and evaluation)")
     parser.add_argument("--corrupt", type=float, default=0.2, help="fraction of training documents corrupted and removed")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps of every run")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps of every run")
     parser.add_argument("--grad_accum", type=int, default=0, help="micro-batches of 4 rows per step; 0: the whole training set")
     parser.add_argument("--warmup_steps", type=int, default=0, help="then a constant learning rate")
     parser.add_argument("--max_seq_length", type=int, default=256, help="tokens per packed row")
