@@ -12,11 +12,12 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuner.config import Config, build_config, parse_namespace, to_yaml
 from tuner.errors import UsageError, report_and_exit
-from tuner.guards import NonFiniteTraining
+from tuner.train.guards import NonFiniteTraining
 
 logger = logging.getLogger("tuner")
 
@@ -38,22 +39,33 @@ def configure(argv: list[str] | None) -> Config:
     return build_config(namespace)
 
 
-def prepare(cfg: Config):
-    """Every check and every cheap load, before model weights load:
-    (model path, model config, tokenizer, datasets)."""
-    from tuner import data, estimate, hub, models, training, validate
+@dataclass
+class Prepared:
+    """Everything a run needs before weights load, each loaded once."""
+
+    model_path: str
+    model_config: object
+    tokenizer: object
+    datasets: object  # tuner.data.datasets.Datasets
+    teacher_config: object | None  # --teacher_model_name_or_path's config.json
+
+
+def prepare(cfg: Config) -> Prepared:
+    """Every check and every cheap load, before model weights load."""
+    from tuner import hub, models, validate
+    from tuner.data import build
+    from tuner.train import trainer as training
 
     hub.check_access(cfg)  # no network: cache only, and a fast answer instead of 25 s of retries
     model_path = models.resolve(cfg.model_name_or_path)
     model_config = models.load_config(cfg, model_path)
     tokenizer = models.load_tokenizer(cfg, model_path)
-    validate.check_against_model(cfg, model_config, tokenizer)
-    datasets = data.build_datasets(cfg, tokenizer)  # any format, in memory or streamed
-    cfg.data_format = datasets.format  # auto resolved, so run_config.yaml reproduces the run
+    teacher = models.teacher_config_and_tokenizer(cfg) if cfg.teacher_model_name_or_path else None
+    validate.check_against_model(cfg, model_config, tokenizer, teacher)
+    datasets = build.build_datasets(cfg, tokenizer)  # every run a list of sources, in memory or streamed
     validate.check_against_data(cfg, datasets)
-    steps = estimate.step_counts(cfg, datasets.train_chunks, cfg.world_size)["total_steps"]
-    training.finalize(cfg, datasets.eval is not None, steps)
-    return model_path, model_config, tokenizer, datasets
+    training.finalize(cfg, datasets)  # the one place the options adapt to the data
+    return Prepared(model_path, model_config, tokenizer, datasets, teacher[0] if teacher else None)
 
 
 def evaluate(trainer, prefix: str) -> dict:
@@ -67,13 +79,14 @@ def evaluate(trainer, prefix: str) -> dict:
 
 
 def train_and_report(cfg: Config, trainer, tokenizer, resume: str | None) -> dict:
-    from tuner import lora, preemption, report
+    from tuner import lora, report
+    from tuner.train import checkpoints
 
     started = time.time()
     results: dict = {}
     if trainer.eval_dataset is not None and cfg.eval_before_training and resume is None:
         results["before_training"] = evaluate(trainer, "Before training")
-    with preemption.saving_on_signal(trainer):  # SIGTERM: checkpoint, then exit 143
+    with checkpoints.saving_on_signal(trainer):  # SIGTERM: checkpoint, then exit 143
         train_metrics = trainer.train(resume_from_checkpoint=resume).metrics
     trainer.save_model(cfg.output_dir)  # model + tokenizer, main process only
     trainer.save_metrics("train", train_metrics)
@@ -104,11 +117,12 @@ def evaluate_only(cfg: Config, trainer) -> dict:
     return {"eval": metrics}
 
 
-def dry_run(cfg: Config, model_config, tokenizer, datasets) -> dict:
+def dry_run(cfg: Config, prepared: Prepared) -> dict:
     """Print the resolved config and the derived numbers; load no weights and write nothing."""
     from tuner import estimate
 
-    numbers = estimate.estimate(cfg, model_config, datasets, cfg.world_size, tokenizer)
+    numbers = estimate.estimate(cfg, prepared.model_config, prepared.datasets, cfg.world_size, prepared.tokenizer,
+                                prepared.teacher_config)  # fmt: skip
     if cfg.process_index == 0:
         print(to_yaml(cfg))
         print(estimate.format_report(cfg, numbers))
@@ -138,23 +152,28 @@ def release_processes() -> None:
 def run(argv: list[str] | None) -> dict:
     try:
         cfg = configure(argv)
-        model_path, model_config, tokenizer, datasets = prepare(cfg)
+        prepared = prepare(cfg)
     except UsageError as error:
         report_and_exit(error)
     if cfg.dry_run:
-        return dry_run(cfg, model_config, tokenizer, datasets)
+        return dry_run(cfg, prepared)
 
-    from tuner import models, training
+    from tuner import models
+    from tuner.influence import tracker
+    from tuner.train import checkpoints
+    from tuner.train import trainer as training
 
     if cfg.should_save:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "run_config.yaml").write_text(to_yaml(cfg), encoding="utf-8")
-    model = models.load_model(cfg, model_path, tokenizer)
-    trainer = training.build_trainer(cfg, model, tokenizer, datasets, models.load_teacher(cfg))
+    model = models.load_model(cfg, prepared.model_path, prepared.tokenizer)
+    trainer = training.build_trainer(cfg, model, prepared.tokenizer, prepared.datasets, models.load_teacher(cfg))
+    if cfg.influence:
+        tracker.attach(trainer, cfg, prepared.datasets, prepared.tokenizer)  # scores every example; writes influence/
     if cfg.eval_only:
         return evaluate_only(cfg, trainer)
     try:
-        return train_and_report(cfg, trainer, tokenizer, training.resume_point(cfg))
+        return train_and_report(cfg, trainer, prepared.tokenizer, checkpoints.resume_point(cfg))
     except UsageError as error:  # the few found only once training starts (a checkpoint's contents)
         report_and_exit(error)
     except NonFiniteTraining as error:

@@ -147,7 +147,7 @@ def _raw(tokenizer, texts, args) -> dict:
 def _raw_threads(tokenizer, texts, args) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
-    from tuner import grouping
+    from tuner.data import grouping
 
     encode = functools.partial(tokenizer.backend_tokenizer.encode_batch_fast, add_special_tokens=False)
     started = time.perf_counter()
@@ -166,7 +166,7 @@ def _raw_call(tokenizer, texts, args) -> dict:
 
 
 def _ours(tokenizer, texts, args) -> dict:
-    from tuner import grouping
+    from tuner.data import grouping
 
     started = time.perf_counter()
     stream = grouping.tokenize_stream(tokenizer, texts)

@@ -72,7 +72,7 @@ def one_step(args) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuner.influence import InfluenceScorer
+    from tuner.influence.scores import InfluenceScorer
     from tuner.offline import ensure_checkpoint
 
     model = AutoModelForCausalLM.from_pretrained(str(ensure_checkpoint()), dtype=torch.float32).train()

@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import _common  # noqa: E402
 
-
 VARIANTS = ("full", "lora", "lora+tokens")
 TURN_TOKENS = [105, 106]  # <start_of_turn>, <end_of_turn> in Gemma 3's tokenizer
 

@@ -7,7 +7,6 @@ Real English text about Python that ships with every CPython, so the quickstart 
 import json
 import sys
 from pathlib import Path
-
 from pydoc_data.topics import topics
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from tiny import build_tokenizer
 
-from tuner import chat_template
-from tuner.chat_template import GEMMA3_CHAT_TEMPLATE
+from tuner.data import chat_template
+from tuner.data.chat_template import GEMMA3_CHAT_TEMPLATE
 from tuner.errors import UsageError
 
 U, A, S = "user", "assistant", "system"

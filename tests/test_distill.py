@@ -18,10 +18,10 @@ from tuner.distill import (
     option_problems,
     prepare_teacher,
     teacher_hidden_states,
-    teacher_memory,
     tokenizer_problem,
     vocab_problem,
 )
+from tuner.estimate import teacher_memory
 from tuner.loss import chunked_cross_entropy_sum, compute_causal_lm_loss
 
 VOCAB, BATCH, SEQ = 96, 2, 11  # 22 positions, 15 trained: a chunk of 4 leaves a remainder

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_args
 
 import main as entry
-from tiny import tiny_args
-from tuner import training
+from tuner.train import trainer as training
 
 
 def distill_args(model, train_file, out, teacher, *extra):

@@ -9,7 +9,7 @@ from tiny import VOCAB, build_model
 
 from tuner import estimate
 from tuner.config import parse_args
-from tuner.data import ChunkDataset, Datasets
+from tuner.data.datasets import ChunkDataset, Datasets
 
 
 def config(*flags: str):

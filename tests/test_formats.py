@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from tiny import build_tokenizer
 
-from tuner import chat_template, formats
+from tuner.data import chat_template, formats
+from tuner.data.formats import IGNORE, Columns, Conversation, PromptCompletion
 from tuner.errors import UsageError
-from tuner.formats import IGNORE, Columns, Conversation, PromptCompletion
 
 SRC = "--train_file data.jsonl"
 U, A, S = "user", "assistant", "system"

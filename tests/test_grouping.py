@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tiny
 
-from tuner import grouping
+from tuner.data import grouping
 
 DOCS = [
     "def add(a, b):\n    return a + b\n",

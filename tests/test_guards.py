@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_args
 from transformers import TrainerCallback
 
 import main as entry
-from tiny import tiny_args
-from tuner import training
+from tuner.train import checkpoints
+from tuner.train import trainer as training
 
 
 def run_args(model: str, train_file: str, out, *extra: str) -> list[str]:
@@ -61,7 +62,7 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_the_rerun_resumes(tiny_model, 
     message = capsys.readouterr().err
     assert "Training stopped at step 4: the training loss is nan" in message and "Traceback" not in message
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
-    assert training.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-3")
+    assert checkpoints.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-3")
     assert all(all_finite(c) for c in out.glob("checkpoint-*"))
     resumed = entry.main(run_args(tiny_model, corpus, out))
     assert resumed["summary"]["global_step"] == 6 and math.isfinite(resumed["train"]["train_loss"])

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny import build_model
-from tuner.influence import InfluenceScorer, config_problem, model_problem
+
+from tuner.influence.scores import InfluenceScorer, config_problem, model_problem
 from tuner.loss import compute_causal_lm_loss
 
 VOCAB, PAD = 96, 0

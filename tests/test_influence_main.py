@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_args
 from transformers import TrainerCallback
 
 import main as entry
-from tiny import tiny_args
-from tuner import training
 from tuner.config import parse_args
+from tuner.train import trainer as training
 
 
 def influence_args(model, train_file, out, *extra):
@@ -59,7 +59,8 @@ def test_first_step_scores_equal_brute_force(scored_run, tiny_model, corpus):
     """Per-example gradients of the untrained model, one backward each, dotted with the reference gradient."""
     from transformers import AutoModelForCausalLM
 
-    from tuner import data, influence_run
+    from tuner.data import build as data
+    from tuner.influence import tracker as influence_run
 
     cfg = parse_args(influence_args(tiny_model, corpus, scored_run))
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -16,8 +16,8 @@ import torch
 
 pytest.importorskip("peft")
 
-from tuner import loss as lean_loss  # noqa: E402
 from tuner import lora  # noqa: E402
+from tuner import loss as lean_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

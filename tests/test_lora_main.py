@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import tiny_args
 
 import main as entry
-from tiny import tiny_args
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,8 @@ from tiny import tiny_args
 from transformers import TrainerCallback
 
 import main as entry
-from tuner import training
+from tuner.train import checkpoints
+from tuner.train import trainer as training
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "txt", "parquet"])
@@ -122,7 +123,7 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes_from_it(tiny_model, writ
         with pytest.raises(SystemExit) as exit_info:
             entry.main(tiny_args(tiny_model, corpus, out, "--save_steps", "100"))
     assert exit_info.value.code == 128 + signal.SIGTERM
-    assert training.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-5")
+    assert checkpoints.latest_complete_checkpoint(str(out)) == str(out / "checkpoint-5")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler must not outlive the run"
     recorder = StepRecorder()
     add_callback(monkeypatch, recorder)
@@ -167,7 +168,7 @@ def test_validation_file_is_used(tiny_model, write_corpus, tmp_path, corpus_docs
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuner import grouping
+    from tuner.data import grouping
 
     out = tmp_path / "out"
     train = write_corpus("jsonl", corpus_docs[:60], name="train")

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import as_format, qa_pairs, tiny_args, training_text, write_rows
 from transformers import AutoTokenizer, TrainerCallback
 
 import main as entry
-from tiny import as_format, qa_pairs, tiny_args, training_text, write_rows
-from tuner import training
 from tuner.config import parse_args
+from tuner.train import trainer as training
 
 IGNORE = -100
 
@@ -139,7 +139,7 @@ def test_stop_ends_the_run_when_a_source_runs_out_and_repeats_no_row(tiny_model,
                                      "--mix_exhausted", "stop", "--max_steps", "-1", "--validation_split_percentage", "0"))  # fmt: skip
     seen = rows_seen(recorder)
     chat = [row for kind, _, row in seen if kind == "chat"]
-    alone = __import__("tuner.data", fromlist=["x"]).build_datasets(
+    alone = __import__("tuner.data.build", fromlist=["x"]).build_datasets(
         parse_args(["--train_file", files["small"], "--max_seq_length", "64", "--validation_split_percentage", "0"]),
         AutoTokenizer.from_pretrained(tiny_model),
     )  # the small source's packed rows, as a run of its own builds them
@@ -174,7 +174,7 @@ def test_a_killed_run_resumes_to_the_same_weights_bitwise(tiny_model, files, tmp
             entry.main(mix_args(tiny_model, out, flags, *extra))
     if streaming:
         saved = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
-        assert saved["stateful_callbacks"]["MixPosition"]["attributes"]["mix"]["mixture"]["examples"] == 12
+        assert saved["stateful_callbacks"]["DataPosition"]["attributes"]["position"]["mixture"]["examples"] == 12
     resumed = recorded(monkeypatch)
     second = entry.main(mix_args(tiny_model, out, flags, *extra))
     assert len(resumed.batches) == 6  # steps 4-6, two micro-batches each
@@ -196,7 +196,7 @@ def test_each_source_is_evaluated_and_eval_loss_is_per_token_over_all(tiny_model
     argv = datasets_args(tiny_model, out, entries, "--report_to", "tensorboard", "--eval_before_training", "true")
     result = entry.main(argv)
     saved = json.loads((out / "eval_results.json").read_text())
-    from tuner import data
+    from tuner.data import build as data
 
     sets = data.build_datasets(parse_args(argv), tokenizer).eval_sets  # the rows each source is evaluated on
     tokens = {name: sum(int((np.asarray(r["labels"])[1:] != IGNORE).sum()) for r in rows) for name, rows in sets.items()}

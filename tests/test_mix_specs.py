@@ -9,9 +9,10 @@ import math
 import pytest
 import yaml
 
-from tuner import influence_mixture, source_specs
 from tuner.config import parse_args, parse_namespace, to_yaml
+from tuner.data import specs as source_specs
 from tuner.errors import UsageError
+from tuner.influence import mixture as influence_mixture
 
 
 @pytest.fixture
@@ -28,7 +29,10 @@ def test_one_train_file_stays_a_string_on_the_command_line_and_in_yaml(tmp_path,
     config = tmp_path / "c.yaml"
     config.write_text(f"train_file: {files['docs']}\n", encoding="utf-8")
     cfg = parse_args(["--config", str(config)])
-    assert cfg.train_file == files["docs"] and source_specs.specs_from_options(cfg) is None
+    assert cfg.train_file == files["docs"]
+    assert source_specs.specs_from_options(cfg) == [
+        source_specs.SourceSpec(name="docs", flag="--train_file", path=files["docs"], validation_flag="--validation_file")
+    ]  # a run of one source: a list of one
     assert yaml.safe_load(to_yaml(cfg))["train_file"] == files["docs"]
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tuner.mixing import (
+from tuner.data.mixing import (
     EXAMPLES,
     RESTART,
     STOP,

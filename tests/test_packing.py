@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tuner import packing
-from tuner.packing import IGNORE
-
+from tuner.data import packing
+from tuner.data.packing import IGNORE
 
 # ---------------------------------------------------------------- best-fit decreasing
 

@@ -12,8 +12,9 @@ import pytest
 from test_main import tiny_args
 
 import main as entry
-from tuner import report, training
+from tuner import report
 from tuner.config import parse_args
+from tuner.train import trainer as training
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import free_port
 from safetensors.torch import load_file
 from tiny import SFT_FORMATS, as_format, qa_pairs, write_rows
 
 import main as entry
-from launch import free_port
-from tuner import chat_template, sources, training
+from tuner.data import chat_template, sources
+from tuner.train import trainer as training
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAIN = "prompt_completion"  # plain-text pairs: no chat template
@@ -134,7 +135,7 @@ def reference_eval_loss(model_dir: Path, data_dir: Path) -> float:
     the number of trained tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuner import formats
+    from tuner.data import formats
 
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     rows = [json.loads(line) for line in (data_dir / "validation.jsonl").read_text().splitlines()]

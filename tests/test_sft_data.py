@@ -13,9 +13,11 @@ import pytest
 import torch
 from tiny import as_format, qa_pairs, write_rows
 
-from tuner import data, formats, packing, sft_stream, sources, training
 from tuner.config import parse_args
-from tuner.sft_data import SftSettings
+from tuner.data import build as data
+from tuner.data import formats, packing, sft_stream
+from tuner.data.sft import SftSettings
+from tuner.train import trainer as training
 
 T = 128
 
@@ -118,7 +120,7 @@ def test_dropped_and_truncated_rows_are_counted(tokenizer, pairs, tmp_path):
 
 
 def stream_of(path: str, tokenizer, cfg, **kwargs) -> sft_stream.ExampleStream:
-    opened = sources.open_sources(cfg, streaming=True)
+    opened = data.open_run_source(cfg, streaming=True)
     choice = data.choose_format(cfg, opened)
     settings = SftSettings.from_options(cfg, choice, tokenizer)
     return sft_stream.ExampleStream(opened.train[0], tokenizer, settings, keep=opened.hold_out.training, seed=cfg.seed, **kwargs)
@@ -136,7 +138,7 @@ def test_a_streamed_pass_packs_every_training_example_once_in_bounded_buffers(to
 
 
 def sft_stream_rows(rows):
-    from tuner.torch_data import PackedDataset
+    from tuner.data.datasets import PackedDataset
 
     return PackedDataset(rows)
 

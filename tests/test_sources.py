@@ -11,8 +11,8 @@ import datasets
 import numpy as np
 import pytest
 
-from tuner import sources
 from tuner.config import parse_args
+from tuner.data import build, sources
 
 
 @pytest.mark.parametrize("percent", [1, 5, 7, 10, 25, 30, 50, 99])
@@ -53,7 +53,7 @@ def test_a_hub_style_directory_and_a_saved_dataset_open_in_memory_and_streamed(t
     datasets.DatasetDict({"train": datasets.Dataset.from_list(messages(7))}).save_to_disk(str(tmp_path / "saved"))
     for name, has_validation in ((repo, True), (tmp_path / "saved", False)):
         for streaming in (False, True):
-            opened = sources.open_sources(parse_args(["--dataset_name", str(name)]), streaming)
+            opened = build.open_run_source(parse_args(["--dataset_name", str(name)]), streaming)
             assert opened.train[0].columns == ["messages"] and opened.train[0].streaming is streaming
             assert len(list(opened.train[0].rows)) == 7
             assert (opened.validation is not None) is has_validation

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner import formats
+from tuner.data import formats
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "stdlib_sft.py"
 

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launch import free_port
 
 import main as entry
-from launch import free_port
 from tuner import estimate
 from tuner.config import parse_args
-from tuner.data import ChunkDataset
+from tuner.data.datasets import ChunkDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,13 @@ import pytest
 import torch
 
 import main as entry
-from tuner import data, grouping, sources, streaming, training
 from tuner.config import parse_args
+from tuner.data import build as data
+from tuner.data import grouping, sources, text
+from tuner.data import stream as streaming
 from tuner.errors import UsageError
+from tuner.train import trainer as training
+from tuner.train.callbacks import DataPosition
 
 T = 64  # tokens per chunk in these tests
 EDGE_DOCS = ["", "   ", "x", "naïve café — 日本語のテキスト 🤖", "def f():\n    return 1\n"]
@@ -45,7 +49,7 @@ def stream_of(path: str, tokenizer, **kwargs) -> streaming.TokenStream:
 
 def expected_chunks(path: str, tokenizer) -> np.ndarray:
     """What the non-streaming path trains on: data.py's documents, grouped by grouping.py."""
-    return grouping.tokenize_and_group(tokenizer, data.non_empty(data.texts_of(opened(path, streaming=False), "text")), T)
+    return grouping.tokenize_and_group(tokenizer, text.non_empty(text.texts_of(opened(path, streaming=False), "text")), T)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "txt"])
@@ -113,11 +117,12 @@ def test_bad_column_and_too_little_text_fail_before_the_model_loads(tokenizer, w
 
 def test_resuming_a_checkpoint_without_a_stream_position_is_refused(tokenizer, write_corpus):
     stream = stream_of(write_corpus("jsonl"), tokenizer)
-    args = SimpleNamespace(dataloader_num_workers=0, ignore_data_skip=True)
+    args = SimpleNamespace(dataloader_num_workers=0, ignore_data_skip=True, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=1, world_size=1)
     state = SimpleNamespace(global_step=3, stateful_callbacks={})
     loader = SimpleNamespace(dataset=stream)
     with pytest.raises(UsageError, match="the checkpoint has no stream position"):
-        streaming.StreamPosition().on_train_begin(args, state, None, train_dataloader=loader)
+        DataPosition().on_train_begin(args, state, None, train_dataloader=loader)
 
 
 # ---------------------------------------------------------------- end to end
@@ -157,9 +162,9 @@ def record_training(monkeypatch, crash_after_step: int | None = None) -> SimpleN
         return compute_loss(self, model, inputs, *args, **kwargs)
 
     def counted(*args, **kwargs):
-        for position, text in documents(*args, **kwargs):
+        for position, doc in documents(*args, **kwargs):
             seen.rows.append(position.document)
-            yield position, text
+            yield position, doc
 
     def watched(self):
         seen.rows.clear()
@@ -202,7 +207,7 @@ def test_streamed_run_resumes_from_the_stream_position_of_its_checkpoint(
             run_main(tiny_args(tiny_model, train_file, val_file, out))
     # The checkpoint holds the position of what 3 steps used (12 chunks), not of what was prefetched.
     saved = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
-    assert saved["stateful_callbacks"]["StreamPosition"]["attributes"]["position"]["chunk"] == 12
+    assert saved["stateful_callbacks"]["DataPosition"]["attributes"]["position"]["chunk"] == 12
 
     monkeypatch.setattr(grouping, "BATCH_CHARS", 1)  # one document per tokenizer call, to count rows read
     seen = record_training(monkeypatch)

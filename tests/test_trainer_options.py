@@ -12,10 +12,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny import tiny_args
 
 import main as entry
-from tiny import tiny_args
-from tuner import config, training
+from tuner import config
+from tuner.train import trainer as training
 
 STEPS = 6
 LEARNING_RATE = 5e-2

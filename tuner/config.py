@@ -30,8 +30,8 @@ import torch
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
-from . import lora
-from .errors import UsageError
+from tuner import lora
+from tuner.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

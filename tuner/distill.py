@@ -34,8 +34,9 @@ import math
 
 import torch
 
-from .loss import IGNORE_INDEX, _chunk_loss, _ChunkedLinearCrossEntropy, _output_head, compute_causal_lm_loss
-from .loss import default_chunk_size as loss_chunk_size
+from tuner.common import IGNORE_INDEX, text_config
+from tuner.loss import _chunk_loss, _ChunkedLinearCrossEntropy, _output_head, compute_causal_lm_loss
+from tuner.loss import default_chunk_size as loss_chunk_size
 
 FORWARD, REVERSE = "forward", "reverse"
 DIRECTIONS = (FORWARD, REVERSE)
@@ -110,7 +111,7 @@ def _vocabulary_difference(student: dict[str, int], teacher: dict[str, int]) -> 
 
 def vocab_problem(student_config, teacher_config, teacher_name: str) -> str | None:
     """Why the two heads cannot be compared row by row (e.g. one embedding padded to a multiple of 64)."""
-    ours, theirs = _text_config(student_config).vocab_size, _text_config(teacher_config).vocab_size
+    ours, theirs = text_config(student_config).vocab_size, text_config(teacher_config).vocab_size
     if ours == theirs:
         return None
     return (
@@ -119,37 +120,6 @@ def vocab_problem(student_config, teacher_config, teacher_name: str) -> str | No
     )
 
 
-def teacher_memory(teacher_config, weight_bytes: int, batch_size: int, seq_len: int, attention: str = "sdpa",
-                   chunk_tokens: int | None = None) -> dict:  # fmt: skip
-    """Bytes the teacher adds to a training step, by component, without loading its weights.
-
-    weights        its parameters in its dtype (`weight_bytes` each; frozen: no gradient, no AdamW state)
-    hidden         its final hidden states (B*T, Ht) kept for the loss, and their trained-row copy
-    chunk_buffers  the distillation's DISTILL_BUFFERS fp32 (chunk x vocab) buffers; they *replace* the
-                   plain loss's (estimate.LOGIT_BUFFERS x its chunk) buffers, they do not add to them
-    forward        transient, during its no-grad forward: the output_hidden_states tuple (layers + 1
-                   tensors of (B*T, Ht)) and at most what one layer would save for backward. The
-                   teacher runs before the student's forward, so this is at the step's peak only when
-                   it exceeds the student's activations.
-    The step's peak is about the plain estimate - its logit buffers + weights + hidden + chunk_buffers.
-    """
-    from .estimate import activation_bytes_per_token, count_parameters
-
-    text = _text_config(teacher_config)
-    tokens = batch_size * seq_len
-    chunk = min(chunk_tokens or default_chunk_size(text.vocab_size), tokens)
-    per_layer = activation_bytes_per_token(teacher_config, weight_bytes, autocast=False, attention=attention, seq_len=seq_len)["layer"]
-    return {
-        "weights": count_parameters(teacher_config)["parameters"] * weight_bytes,
-        "hidden": 2 * tokens * text.hidden_size * weight_bytes,
-        "chunk_buffers": DISTILL_BUFFERS * chunk * text.vocab_size * 4,
-        "forward": (text.num_hidden_layers + 1) * tokens * text.hidden_size * weight_bytes + int(tokens * per_layer),
-        "chunk_tokens": chunk,
-    }
-
-
-def _text_config(config):
-    return getattr(config, "text_config", None) or config
 
 
 # ---------------------------------------------------------------- forwards without logits

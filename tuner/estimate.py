@@ -10,19 +10,14 @@ CUDA context, allocator fragmentation and the short-lived buffers of the backwar
 
 from __future__ import annotations
 
-import math
-
-from .config import checkpointing
+from tuner import distill, lora
+from tuner.common import step_counts, text_config  # noqa: F401  (step_counts: callers use estimate's name)
+from tuner.config import checkpointing
+from tuner.loss import default_chunk_size
 
 GiB = 2**30
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size and dtype of the parameter
 LOGIT_BUFFERS = 3  # logits, their fp32 log-softmax, their gradient: (tokens x vocab) each
-FALLBACK_LOSS_CHUNK = 4096  # tokens per loss chunk if tuner.loss does not say
-
-
-def text_config(model_config):
-    """The language model's config (a multimodal config keeps it in `text_config`)."""
-    return getattr(model_config, "text_config", None) or model_config
 
 
 def count_parameters(model_config) -> dict:
@@ -48,29 +43,7 @@ def count_parameters(model_config) -> dict:
 
 
 def loss_chunk_tokens(vocab_size: int) -> int:
-    try:
-        from .loss import default_chunk_size
-    except ImportError:
-        return FALLBACK_LOSS_CHUNK
     return default_chunk_size(vocab_size)
-
-
-def step_counts(cfg, train_chunks: int | None, world_size: int) -> dict:
-    """Batch and step arithmetic, as the installed Trainer does it (Trainer.set_initial_training_values):
-    each process's dataloader has ceil(chunks / (batch x processes)) batches (floor with
-    --dataloader_drop_last), and a partial accumulation window at the end of an epoch is a step."""
-    sequences = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    counts = {"effective_batch_sequences": sequences, "effective_batch_tokens": sequences * cfg.max_seq_length}
-    max_steps = cfg.max_steps if cfg.max_steps > 0 else None
-    if train_chunks is None:  # a stream has no length; validation requires --max_steps then
-        counts.update(steps_per_epoch=None, total_steps=max_steps, epochs=None)
-        return counts
-    rounding = math.floor if cfg.dataloader_drop_last else math.ceil
-    batches = rounding(train_chunks / (cfg.per_device_train_batch_size * world_size))
-    per_epoch = max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
-    total = max_steps if max_steps is not None else math.ceil(cfg.num_train_epochs * per_epoch)
-    counts.update(steps_per_epoch=per_epoch, total_steps=total, epochs=total / per_epoch)
-    return counts
 
 
 def activation_bytes_per_token(model_config, compute_bytes: int, autocast: bool, attention: str, seq_len: int) -> dict:
@@ -147,8 +120,6 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int, teacher_co
         reference = cfg.per_device_eval_batch_size * cfg.max_seq_length * (layers * per_token["layer"] + per_token["outside"])
         memory["influence"] = trainable * weight_bytes + max(0, int(reference) - memory["activations"])
     if teacher_config is not None:
-        from .distill import teacher_memory
-
         teacher = teacher_memory(teacher_config, compute_bytes, cfg.per_device_train_batch_size, cfg.max_seq_length, attention)
         # Its chunk buffers replace the plain loss's; its forward runs before the student's, so only
         # its excess over the student's activations reaches the peak.
@@ -170,18 +141,12 @@ def memory_estimate(cfg, model_config, params: dict, world_size: int, teacher_co
     }
 
 
-def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None) -> dict:
-    """Every derived number of the run, without loading weights. `datasets` is a tuner.data.Datasets."""
-    teacher_config = None
-    if cfg.teacher_model_name_or_path:
-        from .models import teacher_config_and_tokenizer
-
-        teacher_config, _ = teacher_config_and_tokenizer(cfg)
+def estimate(cfg, model_config, datasets, world_size: int, tokenizer=None, teacher_config=None) -> dict:
+    """Every derived number of the run, without loading weights. `datasets` is a tuner.data.datasets.Datasets;
+    `teacher_config` the teacher's config.json with --teacher_model_name_or_path."""
     train_chunks = datasets.train_chunks  # None for a stream
     params = count_parameters(model_config)
     if cfg.use_lora:
-        from . import lora
-
         params.update(lora.count_trainable_parameters(model_config, lora.config_from_options(cfg, tokenizer)))
     return {
         "world_size": world_size,
@@ -313,3 +278,29 @@ def mix_lines(numbers: dict) -> list[str]:
 def dry_run_report(cfg, model_config, datasets, world_size: int) -> str:
     """What `--dry_run` prints after the resolved config."""
     return format_report(cfg, estimate(cfg, model_config, datasets, world_size))
+
+def teacher_memory(teacher_config, weight_bytes: int, batch_size: int, seq_len: int, attention: str = "sdpa",
+                   chunk_tokens: int | None = None) -> dict:  # fmt: skip
+    """Bytes the teacher adds to a training step, by component, without loading its weights.
+
+    weights        its parameters in its dtype (`weight_bytes` each; frozen: no gradient, no AdamW state)
+    hidden         its final hidden states (B*T, Ht) kept for the loss, and their trained-row copy
+    chunk_buffers  the distillation's distill.DISTILL_BUFFERS fp32 (chunk x vocab) buffers; they *replace* the
+                   plain loss's (LOGIT_BUFFERS x its chunk) buffers, they do not add to them
+    forward        transient, during its no-grad forward: the output_hidden_states tuple (layers + 1
+                   tensors of (B*T, Ht)) and at most what one layer would save for backward. The
+                   teacher runs before the student's forward, so this is at the step's peak only when
+                   it exceeds the student's activations.
+    The step's peak is about the plain estimate - its logit buffers + weights + hidden + chunk_buffers.
+    """
+    text = text_config(teacher_config)
+    tokens = batch_size * seq_len
+    chunk = min(chunk_tokens or distill.default_chunk_size(text.vocab_size), tokens)
+    per_layer = activation_bytes_per_token(teacher_config, weight_bytes, autocast=False, attention=attention, seq_len=seq_len)["layer"]
+    return {
+        "weights": count_parameters(teacher_config)["parameters"] * weight_bytes,
+        "hidden": 2 * tokens * text.hidden_size * weight_bytes,
+        "chunk_buffers": distill.DISTILL_BUFFERS * chunk * text.vocab_size * 4,
+        "forward": (text.num_hidden_layers + 1) * tokens * text.hidden_size * weight_bytes + int(tokens * per_layer),
+        "chunk_tokens": chunk,
+    }

@@ -13,23 +13,15 @@ import logging
 import os
 import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
-from . import offline
+from tuner import offline
+from tuner.data.specs import specs_from_options
+from tuner.offline import NO_NETWORK_FIX, _state, endpoint_host, unreachable_note  # noqa: F401  (callers use hub's names)
 
 logger = logging.getLogger(__name__)
 
 PROBE_SECONDS = 3.0
-NO_NETWORK_FIX = (
-    "Check the network (or a proxy), set HF_TOKEN for a gated model, or use a local path "
-    f"(--model_name_or_path DIR, --train_file FILE) or --model_name_or_path {offline.OFFLINE_MODEL}."
-)
-_state = {"unreachable": False}
 
-
-def endpoint_host() -> tuple[str, int]:
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    return url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
 
 
 def reachable(timeout: float = PROBE_SECONDS) -> bool:
@@ -53,14 +45,8 @@ def needs_hub(cfg) -> bool:
     teacher = getattr(cfg, "teacher_model_name_or_path", None)
     return (
         model_on_hub or bool(cfg.dataset_name) or bool(cfg.push_to_hub) or bool(teacher and not Path(teacher).exists())
-        or any(spec.dataset_name for spec in mixed_sources(cfg))
+        or any(spec.dataset_name for spec in specs_from_options(cfg))
     )  # fmt: skip
-
-
-def mixed_sources(cfg) -> list:
-    from .source_specs import specs_from_options
-
-    return specs_from_options(cfg) or []
 
 
 def check_access(cfg) -> None:
@@ -86,12 +72,6 @@ def go_offline() -> None:
     huggingface_hub.constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = True
 
-
-def unreachable_note() -> str:
-    """Words for a load that failed: why, when the hub could not be reached."""
-    if _state["unreachable"]:
-        return f"{endpoint_host()[0]} cannot be reached and it is not in the local cache. {NO_NETWORK_FIX}"
-    return ""
 
 
 def warn_before_pushing(cfg) -> None:

@@ -30,6 +30,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from tuner.common import text_config
+
 logger = logging.getLogger(__name__)
 
 ALL_LINEAR = "all-linear"  # peft's shorthand: every nn.Linear except the output head
@@ -214,7 +216,7 @@ def trainable_token_ids(spec: TokenSpec, tokenizer) -> list[int]:
 
 def embedding_rows(model_config, tokenizer) -> int:
     """Rows of the embedding once the model is loaded: models.load_model grows it to fit the tokenizer."""
-    text = getattr(model_config, "text_config", None) or model_config
+    text = text_config(model_config)
     return max(text.vocab_size, len(tokenizer))
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from tuner.common import IGNORE_INDEX  # noqa: F401  (the loss modules and tests use loss.IGNORE_INDEX)
+
 # Bytes of fp32 logits one chunk may hold; 256 tokens for Gemma 3's vocabulary. Smaller chunks
 # save little (the weight gradient alone is 640 MiB) and make the matmuls less efficient.
 CHUNK_BYTES = 256 * 2**20

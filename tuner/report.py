@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
+
+from tuner.common import perplexity, save_json  # noqa: F401  (callers use report's names)
+from tuner.train.callbacks import tokens_per_source
 
 PLOT_NAME = "loss_curve.png"
 SUMMARY_NAME = "run_summary.json"
 
 logger = logging.getLogger(__name__)
 
-
-def perplexity(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return float("inf")
 
 
 def with_perplexity(metrics: dict) -> dict:
@@ -60,9 +55,6 @@ def repetition_penalty(penalty: float, prompt_length: int | None) -> dict:
 
     return {"logits_processor": LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length)])}
 
-
-def save_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def print_samples(samples: list[dict]) -> None:
@@ -134,7 +126,6 @@ def run_summary(cfg, trainer, results: dict) -> dict:
         "train_loss": train.get("train_loss"),
         **getattr(trainer, "data_figures", {}),  # SFT: examples kept, dropped and truncated, packing fill
     }
-    from .mixture import tokens_per_source
 
     mixed = tokens_per_source(trainer)  # several sources: trained tokens the optimizer steps took from each
     if mixed is not None:

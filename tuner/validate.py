@@ -9,8 +9,14 @@ import importlib.util
 import os
 from pathlib import Path
 
-from . import models, sources
-from .errors import UsageError
+from tuner import distill, lora, models
+from tuner.config import FIELDS
+from tuner.data import sources
+from tuner.data import specs as source_specs
+from tuner.data.chat_template import template_file_problems
+from tuner.errors import UsageError
+from tuner.influence import scores as influence
+from tuner.loss import liger_problem
 
 POSITIVE = (
     "max_seq_length", "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -95,8 +101,6 @@ def feature_problems(cfg) -> list[str]:
             f"--attn_implementation {cfg.attn_implementation}: unknown. Use eager, sdpa, flash_attention_2 or flex_attention."
         )
     if cfg.use_liger_kernel:
-        from .loss import liger_problem
-
         problem = liger_problem(torch.cuda.is_available(), _installed("liger_kernel"))
         if problem:
             problems.append(f"--use_liger_kernel: {problem}")
@@ -117,8 +121,6 @@ def reporters(cfg) -> list[str]:
 
 
 def path_problems(cfg) -> list[str]:
-    from . import source_specs
-
     # several sources (--datasets, several --train_file): each checked by source_specs, named in its messages
     data = source_specs.problems(cfg) if source_specs.uses_specs(cfg) else sources.source_problems(cfg) + source_specs.problems(cfg)
     problems = data + models.offline_problems(cfg.model_name_or_path)
@@ -183,16 +185,12 @@ def trainer_problems(cfg) -> list[str]:
 
 
 def lora_problems(cfg) -> list[str]:
-    from . import lora
-
     return lora.option_problems(cfg.use_lora, cfg.merge_lora, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
                                 cfg.lora_target_modules, cfg.lora_trainable_tokens)  # fmt: skip
 
 
 def data_problems(cfg) -> list[str]:
     """SFT options that can be checked before anything loads."""
-    from .chat_template import template_file_problems
-
     problems = template_file_problems(cfg.chat_template)
     if (cfg.eval_only and cfg.validation_split_percentage == 0 and not cfg.validation_file and not cfg.dataset_name
             and not getattr(cfg, "datasets", None)):  # a datasets entry may bring its own validation data
@@ -202,8 +200,6 @@ def data_problems(cfg) -> list[str]:
 
 
 def influence_problems(cfg) -> list[str]:
-    from . import influence
-
     if not cfg.influence:
         return []
     problems = []
@@ -225,11 +221,7 @@ def influence_problems(cfg) -> list[str]:
 
 
 def distill_problems(cfg) -> list[str]:
-    from . import distill
-
     if not cfg.teacher_model_name_or_path:
-        from .config import FIELDS
-
         names = ("distill_alpha", "distill_temperature", "distill_direction")
         changed = [f"--{name}" for name in names if getattr(cfg, name) != FIELDS[name].default]
         return [f"{flag}: has no effect without --teacher_model_name_or_path. Add a teacher, or drop {flag}." for flag in changed]
@@ -253,17 +245,14 @@ def validate(cfg) -> None:
         raise UsageError(problems)
 
 
-def check_against_model(cfg, model_config, tokenizer) -> None:
-    """Checks that need the model's config.json and tokenizer (but not its weights)."""
+def check_against_model(cfg, model_config, tokenizer, teacher=None) -> None:
+    """Checks that need the model's config.json and tokenizer (but not its weights); `teacher` is the
+    teacher's (config, tokenizer) with --teacher_model_name_or_path."""
     problems = []
     if cfg.use_lora:
-        from . import lora
-
         problems += lora.model_problems(model_config, tokenizer, cfg.lora_target_modules, cfg.lora_trainable_tokens)
-    if cfg.teacher_model_name_or_path:
-        from . import distill
-
-        teacher_config, teacher_tokenizer = models.teacher_config_and_tokenizer(cfg)
+    if teacher is not None:
+        teacher_config, teacher_tokenizer = teacher
         name = cfg.teacher_model_name_or_path
         found = [distill.tokenizer_problem(tokenizer, teacher_tokenizer, name), distill.vocab_problem(model_config, teacher_config, name)]
         problems += [p for p in found if p]

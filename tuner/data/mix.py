@@ -1,7 +1,7 @@
-"""Several training sources in one run (issue 13): each built as a run of its own would build it, then mixed in
-exact proportions (tuner/mixing.py) and evaluated one by one.
+"""Several training sources in one run: each built as a run of its own would build it, then mixed in
+exact proportions (mixing.py) and evaluated one by one.
 
-Each source (source_specs.SourceSpec) is opened (sources.open_spec) and built by data.build_source with its
+Each source (specs.SourceSpec) is opened (sources.open_spec) and built by build.build_part with its
 own format and columns, in memory or streamed: running text becomes chunks of --max_seq_length, chat and
 instruction data packed (or padded) rows, and each source gets its own evaluation set. The mix then
 interleaves *training rows* (a chunk, a packed row, a padded example): in proportions of their trained
@@ -9,13 +9,13 @@ tokens (--mix_unit tokens, labels != -100 after the shift, what the loss counts)
 (--mix_unit examples). Rows never mix sources, so every trained token belongs to one source.
 
 In memory, `MixedRows` is a map-style dataset whose row i is the i-th row of the schedule (computed when the
-data is built, from the rows' sizes alone: about 10 us a row), read in order (training.LeanLossTrainer uses a sequential sampler for it; each
+data is built, from the rows' sizes alone: about 10 us a row), read in order (train.trainer.LeanLossTrainer uses a sequential sampler for it; each
 source's pass is shuffled with --seed instead). Its length is the run's: --max_steps x rows per step, or,
 without --max_steps, --num_train_epochs epochs of the mix, an epoch being as many trained tokens (rows) as
 all sources hold together; --mix_exhausted stop ends it where the first source runs out. So Trainer's own
 resume (it skips the rows earlier steps used, by index) continues the schedule exactly.
 
-Streamed, `mix_stream.StreamMix` is the mixing.Mixture over each source's stream; mixture.MixPosition saves
+Streamed, `mix_stream.StreamMix` is the mixing.Mixture over each source's stream; train.callbacks.DataPosition saves
 its state and each source's stream position in the checkpoint, so a resumed run reopens every source where
 it stood, without reading what came before (as --streaming does for one source).
 
@@ -37,10 +37,11 @@ from functools import partial
 import numpy as np
 import torch
 
-from . import mixing, sources
-from .mix_stream import StreamMix
-from .source_specs import SourceSpec, SourceView
-from .torch_data import Datasets
+from tuner.common import rows_per_step
+from tuner.data import mixing
+from tuner.data.mix_stream import StreamMix
+from tuner.data.specs import SourceSpec
+from tuner.data.datasets import Datasets
 
 logger = logging.getLogger(__name__)
 
@@ -65,22 +66,8 @@ class Part:
         return self.datasets.figures.get("train_examples_used", 0)
 
 
-def build_part(cfg, tokenizer, spec: SourceSpec) -> Part:
-    from .data import build_source
-
-    opened = sources.open_spec(spec, cfg.streaming, cfg.validation_split_percentage, cfg.seed)
-    built = build_source(SourceView(cfg, spec), tokenizer, opened)
-    kind = TEXT if built.format == "text" else PACKED if built.packed else PADDED
-    return Part(spec, built, kind)
-
-
-def build_mix(cfg, tokenizer, specs: list[SourceSpec]) -> Datasets:
-    """The Datasets of a run with these sources: one source alone as it is, several mixed."""
-    parts = [build_part(cfg, tokenizer, spec) for spec in specs]
-    if len(parts) == 1:  # a `datasets` list of one: that source, named as the user named it
-        one = parts[0].datasets
-        one.describer = partial(one.describer, source=specs[0].name) if one.describer else None
-        return one
+def mix_parts(cfg, parts: list[Part]) -> Datasets:
+    """The Datasets of a run with several sources, each already built as a run of its own would build it."""
     if not cfg.streaming:  # example ids matter to --influence, which needs the data in memory
         for before, part in zip(parts, parts[1:]):
             part.offset = before.offset + before.ids
@@ -91,12 +78,15 @@ def build_mix(cfg, tokenizer, specs: list[SourceSpec]) -> Datasets:
         "restarts (--mix_exhausted restart, the default: the proportions hold for the whole run)"
         if cfg.mix_exhausted == mixing.RESTART else "ends the run (--mix_exhausted stop: no row is repeated)",
     )  # fmt: skip
+    steps = None  # a stream runs to --max_steps
     if cfg.streaming:
         train = StreamMix(parts, [converter(p.kind, layout) for p in parts], cfg.mix_unit, cfg.mix_exhausted)
     else:
         train = MixedRows(parts, layout, cfg.mix_unit, cfg.mix_exhausted, cfg.seed)
-        fit_run_length(cfg, train)
-    return mixed_datasets(cfg, parts, layout, train)
+        steps = fit_run_length(cfg, train)
+    mixed = mixed_datasets(cfg, parts, layout, train)
+    mixed.run_steps = steps
+    return mixed
 
 
 def mixed_datasets(cfg, parts: list[Part], layout: str, train) -> Datasets:
@@ -275,13 +265,11 @@ class MixedRows(torch.utils.data.Dataset):
         return out
 
 
-def fit_run_length(cfg, mix: MixedRows) -> None:
-    """The run's rows and steps (sets cfg.max_steps, so that Trainer runs one pass over `mix`): --max_steps,
-    else --num_train_epochs epochs of the mix (Trainer's own step arithmetic, estimate.step_counts); under
-    --mix_exhausted stop, no further than where the mix ends."""
-    from .estimate import step_counts
-
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.world_size
+def fit_run_length(cfg, mix: MixedRows) -> int:
+    """The run's optimizer steps, and the schedule built for them (the run sets --max_steps to them, so that
+    Trainer runs one pass over `mix`): --max_steps, else --num_train_epochs epochs of the mix (Trainer's own
+    step arithmetic, common.step_counts); under --mix_exhausted stop, no further than where the mix ends."""
+    per_step = rows_per_step(cfg)
     if cfg.mix_exhausted == mixing.STOP:
         end = mix.rows_for_units(math.inf)
         steps = math.ceil(end / per_step)
@@ -298,8 +286,9 @@ def fit_run_length(cfg, mix: MixedRows) -> None:
         if cfg.max_steps <= 0:
             logger.info("An epoch of the mix is %d rows (as many %s as all sources hold): --num_train_epochs %g = %d steps",
                         mix.epoch_rows, "trained tokens" if mix.unit == mixing.TOKENS else "rows", cfg.num_train_epochs, steps)  # fmt: skip
-    cfg.max_steps, mix.length = steps, rows
+    mix.length = rows
     mix.schedule(rows)
+    return steps
 
 
 def source_figures(part: Part, train) -> dict:

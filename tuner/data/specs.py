@@ -15,7 +15,8 @@ entry's `name`, else the file's stem or the hub id's last part. The name keys th
 (`eval_<name>_loss`), `tokens_per_source` and influence/mixture.yaml, so it must be unique and made of
 letters, digits, `_`, `.` and `-`.
 
-A single `--train_file x` (or `--dataset_name`) is not a mix: it goes the way it always has.
+A single `--train_file x` (or `--dataset_name`, with --validation_file) is a list of one source, named and
+checked as it always was; there is one way to open and build a source, whatever the run names.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UsageError
+from tuner.errors import UsageError
+from tuner.data.sources import BUILDERS
+from tuner.data.sources import file_problems
 
 COLUMN_KEYS = ("text_column", "messages_column", "prompt_column", "completion_column", "instruction_column",
                "input_column", "output_column")  # fmt: skip
@@ -53,6 +56,16 @@ class SourceSpec:
     weight: float = 1.0
     validation_path: str | None = None
     options: dict = field(default_factory=dict)  # text_column, data_format, *_column for this source only
+    validation_flag: str | None = None  # how messages name validation_path: --validation_file for a single source
+
+    @property
+    def named(self) -> bool:
+        """Listed under --datasets (by the name the user gave it), not given by a flag of its own."""
+        return self.flag.startswith("datasets[")
+
+    @property
+    def validation_source_flag(self) -> str:
+        return self.validation_flag or f"{self.flag} validation_path"
 
     @property
     def location(self) -> str:
@@ -78,8 +91,6 @@ class SourceSpec:
 
 
 def _builders() -> dict:
-    from .sources import BUILDERS
-
     return BUILDERS
 
 
@@ -88,18 +99,22 @@ def uses_specs(cfg) -> bool:
     return bool(getattr(cfg, "datasets", None)) or isinstance(cfg.train_file, list)
 
 
-def is_mix(cfg) -> bool:
-    specs = specs_from_options(cfg)
-    return specs is not None and len(specs) > 1
-
-
-def specs_from_options(cfg) -> list[SourceSpec] | None:
-    """The sources to mix, or None for a run with one --train_file / --dataset_name (today's way).
+def specs_from_options(cfg) -> list[SourceSpec]:
+    """The run's training sources: several to mix, or the one of --train_file / --dataset_name.
     Raises UsageError with every problem found (problems() without raising)."""
     found = problems(cfg)
     if found:
         raise UsageError(found)
-    return _specs(cfg)[0] if uses_specs(cfg) else None
+    return _specs(cfg)[0] if uses_specs(cfg) else [single_spec(cfg)]
+
+
+def single_spec(cfg) -> SourceSpec:
+    """--train_file FILE or --dataset_name NAME (and its config), with --validation_file as its validation data."""
+    where = {"path": cfg.train_file} if cfg.train_file else {"dataset_name": cfg.dataset_name, "dataset_config_name": cfg.dataset_config_name}
+    return SourceSpec(
+        name=name_of(cfg.train_file or cfg.dataset_name), flag="--train_file" if cfg.train_file else "--dataset_name",
+        validation_path=cfg.validation_file, validation_flag="--validation_file", **where,
+    )  # fmt: skip
 
 
 def problems(cfg) -> list[str]:
@@ -230,8 +245,6 @@ def _influence_problems(cfg, sources: int) -> list[str]:
 
 
 def _source_problems(spec: SourceSpec) -> list[str]:
-    from .sources import file_problems
-
     where = spec.flag if spec.flag == "--train_file" else f"{spec.flag} path"
     found = []
     if spec.path:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import time
 from pathlib import Path
 
@@ -13,24 +11,29 @@ import torch
 from transformers import Trainer, default_data_collator
 from transformers.trainer_utils import speed_metrics
 
-from .errors import UsageError
-from .guards import NonFiniteGuard
-from .loss import IGNORE_INDEX
-from .packing import check_packed_batch
-from .preemption import SaveOnSignal
-from .streaming import StreamPosition
+from tuner.common import IGNORE_INDEX, perplexity, step_counts
+from tuner.data.chat_template import set_stop_tokens
+from tuner.data.packing import check_packed_batch
+from tuner.distill import compute_distillation_loss
+from tuner.errors import UsageError
+from tuner.loss import compute_causal_lm_loss
+from tuner.train.callbacks import DataPosition
+from tuner.train.checkpoints import SaveOnSignal
+from tuner.train.guards import NonFiniteGuard
 
 logger = logging.getLogger(__name__)
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
 
-
-def finalize(cfg, has_eval: bool, total_steps: int | None) -> None:
-    """The choices that need the data: no evaluation without validation data, warm-up no longer
-    than the run, and the stream's own resume position. Changes `cfg` in place."""
+def finalize(cfg, datasets) -> None:
+    """The one place the options adapt to the data, before weights load: the resolved format (auto replaced,
+    so run_config.yaml reproduces the run), a mix's steps, no evaluation without validation data, warm-up no
+    longer than the run, and the stream's own resume position. Changes `cfg` in place."""
     from transformers.trainer_utils import IntervalStrategy
 
+    cfg.data_format = datasets.format
+    if datasets.run_steps is not None:  # a mix in memory: its schedule was built for this many steps
+        cfg.max_steps = datasets.run_steps
+    has_eval = datasets.eval is not None
     if not has_eval and cfg.influence:
         raise UsageError(
             "--influence: there is no validation data to take the reference set from. Pass --validation_file or "
@@ -44,12 +47,13 @@ def finalize(cfg, has_eval: bool, total_steps: int | None) -> None:
             )
         logger.info("No validation data: evaluation is off (--eval_strategy no)")
         cfg.eval_strategy, cfg.do_eval = IntervalStrategy.NO, False
+    total_steps = step_counts(cfg, datasets.train_chunks, cfg.world_size)["total_steps"]
     if total_steps is not None and cfg.warmup_steps >= 1 and cfg.warmup_steps > total_steps:
         logger.warning("--warmup_steps %g exceeds the %d training steps; clamped to %d", cfg.warmup_steps, total_steps, total_steps)
         cfg.warmup_steps = total_steps
-    if cfg.influence:  # the rows' example ids must reach the collator (tuner.influence_run.CollateWithIds)
+    if cfg.influence:  # the rows' example ids must reach the collator (influence.tracker.CollateWithIds)
         cfg.remove_unused_columns = False
-    # A stream resumes from the position saved in the checkpoint (streaming.StreamPosition)
+    # A stream resumes from the position saved in the checkpoint (callbacks.DataPosition)
     # instead of Trainer re-reading and discarding every batch before it.
     cfg.ignore_data_skip = cfg.ignore_data_skip or cfg.streaming
 
@@ -66,7 +70,7 @@ class LeanLossTrainer(Trainer):
         if not self.lean_loss:
             logger.warning("FSDP/DeepSpeed shard lm_head: using the standard loss, which holds the full logits")
 
-    influence = None  # influence_run.InfluenceTracker with --influence
+    influence = None  # influence.tracker.InfluenceTracker with --influence (attached by main.py)
     teacher = None  # with --teacher_model_name_or_path: frozen, eval mode, on this device
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -80,8 +84,6 @@ class LeanLossTrainer(Trainer):
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from .loss import compute_causal_lm_loss
-
         inputs.pop("example_ids", None)  # evaluation batches of an --influence run carry them too
         # A packed batch with an attention mask or a KV cache would let its examples attend to each other.
         check_packed_batch(inputs, getattr(unwrap_model(model).config, "use_cache", None))
@@ -103,8 +105,6 @@ class LeanLossTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def distillation_loss(self, model, inputs, num_items_in_batch):
-        from .distill import compute_distillation_loss
-
         args = self.args
         loss, outputs, parts = compute_distillation_loss(
             model, self.teacher, inputs, num_items_in_batch, alpha=args.distill_alpha,
@@ -141,8 +141,6 @@ class LeanLossTrainer(Trainer):
         sets = eval_dataset if eval_dataset is not None else self.eval_dataset
         if not isinstance(sets, dict):
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        from .report import perplexity
-
         started, metrics, totals, samples = time.time(), {}, [0.0, 0.0], 0
         for name, dataset in sets.items():
             prefix = f"{metric_key_prefix}_{name}"
@@ -198,83 +196,28 @@ def unwrap_model(model):
     return extract_model_from_parallel(model)
 
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint is complete once trainer_state.json, which Trainer writes last, parses."""
-    try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any((path / f).exists() for f in WEIGHT_FILES)
-
-
-def latest_complete_checkpoint(output_dir: str) -> str | None:
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    found = sorted(
-        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True
-    )
-    for _step, path in found:
-        if is_complete_checkpoint(path):
-            return str(path)
-        logger.warning("Skipping %s: incomplete (interrupted while saving?)", path)
-    return None
-
-
-def resume_point(cfg) -> str | None:
-    if cfg.resume_from_checkpoint:
-        return cfg.resume_from_checkpoint
-    found = latest_complete_checkpoint(cfg.output_dir)
-    if found:
-        logger.info("Resuming from %s (pass --resume_from_checkpoint to choose another)", found)
-    return found
-
-
 def build_trainer(cfg, model, tokenizer, datasets, teacher=None) -> Trainer:
-    from . import influence_run
-
+    """The Trainer of this run. Features that watch training (influence, ...) are attached by main.py."""
     fit_model_to_data(model, tokenizer, datasets)
-    train, collator = datasets.train, datasets.collator or default_data_collator  # SFT: packed rows, or padding per batch
-    if cfg.influence:  # every training row carries its example id(s) to the scorer
-        train, collator = influence_run.IndexedDataset(train), influence_run.CollateWithIds(collator)
     trainer = LeanLossTrainer(
         model=model,
         args=cfg,
-        train_dataset=train,
+        train_dataset=datasets.train,
         eval_dataset=datasets.eval_sets or datasets.eval,  # a mix: each source's set, by name
         processing_class=tokenizer,
-        data_collator=collator,
-        callbacks=[SaveOnSignal()] + data_position(cfg, datasets),
+        data_collator=datasets.collator or default_data_collator,  # SFT: packed rows, or padding per batch
+        callbacks=[SaveOnSignal()] + ([DataPosition()] if datasets.mix is not None or cfg.streaming else []),
     )
     trainer.data_figures = datasets.figures  # for run_summary.json
     if teacher is not None:
         trainer.teacher = teacher.to(cfg.device)
-    if cfg.influence:
-        trainer.influence = influence_run.InfluenceTracker(cfg, trainer.model, datasets, tokenizer)
-        trainer.add_callback(trainer.influence)
-    if cfg.mixture_from_influence:  # after the tracker: it reads the files the tracker writes at the end
-        from .influence_mixture import MixtureFromInfluence
-
-        trainer.add_callback(MixtureFromInfluence(cfg))
     keep_logs_in_output_dir(trainer)
     return trainer
-
-
-def data_position(cfg, datasets) -> list:
-    """The callback that knows where the run stands in its data: a mix's (mixture.MixPosition: rows used, tokens
-    per source, a streamed mix's resume point) or one stream's (streaming.StreamPosition)."""
-    if datasets.mix is not None:
-        from .mixture import MixPosition
-
-        return [MixPosition()]
-    return [StreamPosition()] if cfg.streaming else []
 
 
 def fit_model_to_data(model, tokenizer, datasets) -> None:
     """Packed rows: no KV cache (it turns the per-example attention off; packing.py). Chat data: generation
     stops at the end of a turn too, saved in generation_config.json."""
-    from .models import set_stop_tokens
-
     if datasets.packed:
         unwrap_model(model).config.use_cache = False
     if datasets.chat:

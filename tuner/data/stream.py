@@ -11,7 +11,7 @@ in memory) are skipped.
 
 Resume. For a dataset without a length, Trainer resumes by reading and throwing away the first
 global_step x gradient_accumulation_steps batches (accelerate's skip_first_batches), which for a
-stream means reading and tokenizing everything again. Instead `StreamPosition` writes, into each
+stream means reading and tokenizing everything again. Instead `train.callbacks.DataPosition` writes, into each
 checkpoint's trainer_state.json, where the first item (chunk or row) that no optimizer step has used
 starts: a `Position`, holding the source's datasets `state_dict()` just before a row and how far into
 that row (text) or into the rows packed from it (SFT) earlier items reach. A resumed stream loads that
@@ -40,13 +40,11 @@ from itertools import islice
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
-from transformers.trainer_callback import ExportableState
 
-from . import grouping, sources
-from .errors import UsageError
-from .sources import OpenSource, Opened
-from .torch_data import ChunkDataset, Datasets
+from tuner.data import grouping, sources
+from tuner.errors import UsageError
+from tuner.data.sources import OpenSource, Opened
+from tuner.data.datasets import ChunkDataset, Datasets
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +100,27 @@ class ResumableStream(torch.utils.data.IterableDataset):
     def forget_before(self, chunk: int) -> None:
         for old in [c for c in self.starts if c < chunk]:
             del self.starts[old]
+
+    # What train.callbacks.DataPosition saves in a checkpoint and restores (a streamed mix offers the same).
+    resume_problem = ("--streaming: the checkpoint has no stream position (it was written without --streaming). "
+                      "Resume it without --streaming, or start in a new --output_dir.")  # fmt: skip
+
+    @property
+    def examples(self) -> int:
+        """Items yielded so far (or, before the first, where the stream starts)."""
+        return max(self.starts, default=self.start.chunk)
+
+    def state_at(self, chunk: int) -> dict:
+        return asdict(self.position(chunk))
+
+    def load_state(self, saved: dict) -> None:
+        if "chunk" not in saved:  # written by a mix of sources
+            raise UsageError(self.resume_problem)
+        self.resume(Position(**saved))
+        logger.info(
+            "Resuming the stream at item %d (pass %d, row %d, offset %d there), not from its start",
+            saved["chunk"], saved["epoch"], saved["document"], saved["offset"],
+        )  # fmt: skip
 
     def passes(self) -> Iterator[tuple[object, Position]]:
         """(item, where the next starts) from `self.start` on, pass after pass over the source."""
@@ -209,56 +228,6 @@ class TokenStream(ResumableStream):
 
 
 # ---------------------------------------------------------------- resume
-
-
-class StreamPosition(TrainerCallback, ExportableState):
-    """Saves where the stream stands in each checkpoint; a resumed run's stream starts there."""
-
-    def __init__(self):
-        self.stream: ResumableStream | None = None
-        self.consumed = 0  # items used by optimizer steps, in the whole run
-        self.start_step = self.start_chunk = self.chunks_per_step = 0
-
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.stream = find_stream(train_dataloader)
-        if args.dataloader_num_workers:
-            raise RuntimeError("--streaming tracks its position in the main process: use dataloader_num_workers=0.")
-        if state.global_step:
-            if not args.ignore_data_skip:
-                raise RuntimeError("--streaming restores the stream position itself: set ignore_data_skip=True.")
-            saved = (state.stateful_callbacks.get(type(self).__name__) or {}).get("attributes", {}).get("position")
-            if saved is None:
-                raise UsageError(
-                    "--streaming: the checkpoint has no stream position (it was written without --streaming). "
-                    "Resume it without --streaming, or start in a new --output_dir."
-                )
-            self.stream.resume(Position(**saved))
-            logger.info(
-                "Resuming the stream at item %d (pass %d, row %d, offset %d there), not from its start",
-                saved["chunk"], saved["epoch"], saved["document"], saved["offset"],
-            )  # fmt: skip
-        self.start_step, self.start_chunk = state.global_step, self.stream.start.chunk
-        self.consumed = self.start_chunk
-        # Dispatched or sharded, each optimizer step takes this many items from the one stream.
-        self.chunks_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.consumed = self.start_chunk + (state.global_step - self.start_step) * self.chunks_per_step
-        self.stream.forget_before(self.consumed)
-
-    def state(self) -> dict:
-        position = asdict(self.stream.position(self.consumed)) if self.stream is not None else None
-        return {"args": {}, "attributes": {"position": position}}
-
-
-def find_stream(dataloader) -> ResumableStream:
-    """The stream under accelerate's wrappers (DataLoaderDispatcher, IterableDatasetShard)."""
-    node = dataloader
-    for _ in range(4):
-        node = getattr(node, "dataset", None)
-        if isinstance(node, ResumableStream):
-            return node
-    raise RuntimeError("StreamPosition needs a ResumableStream as the training dataset (see tuner/streaming.py).")
 
 
 # ---------------------------------------------------------------- datasets

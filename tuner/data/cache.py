@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
+from tuner.errors import UsageError
+from tuner.offline import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ CACHE_FORMAT = 3
 def root(cache_dir: str | None) -> Path:
     if cache_dir:
         return Path(cache_dir)
-    from .offline import cache_root
 
     return Path(os.environ.get("TUNER_TOKEN_CACHE") or cache_root() / "tokens")
 
@@ -125,9 +125,6 @@ class Ragged:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
-
-def save_json(path: Path, payload) -> None:
-    path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
 
 
 def load_json(path: Path):

@@ -24,10 +24,14 @@ is never generated: generation stops at `<end_of_turn>`). The closing turn marke
 
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import UsageError
+from tuner.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 TURN_START = "<start_of_turn>"
 TURN_END = "<end_of_turn>"
@@ -190,3 +194,12 @@ def turn_end_token_id(tokenizer) -> int | None:
     if ids and ids[0] in set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder):
         return ids[0]
     return None
+
+def set_stop_tokens(model, tokenizer) -> None:
+    """generate() stops at the end of an assistant turn (`<end_of_turn>` for Gemma) as well as at EOS: the
+    model was trained to close each answer with it, and generation_config.json carries both ids."""
+    ids = stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = ids if len(ids) > 1 else ids[0]
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("Generation stops at %s", ", ".join(tokenizer.convert_ids_to_tokens(ids)))

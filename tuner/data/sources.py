@@ -2,9 +2,8 @@
 dataset saved with `save_to_disk`, or a local .json/.jsonl/.csv/.txt/.parquet file), in memory or as a
 stream, reads its column names, and decides which rows are held out for evaluation.
 
-A `Source` names one place rows come from and carries a weight. A run with several training sources
-(tuner/source_specs.py) opens each with `open_spec`, the same way one source is opened, checked and read;
-mix_data.py mixes them.
+A `Source` names one place rows come from and carries a weight. Every training source of a run (specs.py:
+one, or several to mix) is opened by `open_spec`, checked and read the same way; mix.py mixes built ones.
 
 The hold-out rule, the same for in-memory and streamed runs, so both evaluate on the same rows. Rows are
 taken in consecutive strata of k = 100 / gcd(100, p) rows, and in each stratum exactly h = p k / 100 rows
@@ -26,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hub
-from .errors import UsageError
+from tuner.offline import unreachable_note
+from tuner.errors import UsageError
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 
@@ -134,28 +133,8 @@ class Opened:
         return HoldOut(self.held_out_percent, self.seed)
 
 
-def open_sources(cfg, streaming: bool) -> Opened:
-    """Open the training data and the validation data (a --validation_file wins over a hub split)."""
-    if cfg.train_file:
-        train = OpenSource(Source("--train_file", cfg.train_file), load_local("--train_file", cfg.train_file, streaming))
-        validation = None
-    else:
-        splits = load_hub(cfg, streaming)
-        train = OpenSource(_hub_source(cfg, "train"), splits["train"])
-        validation = OpenSource(_hub_source(cfg, "validation"), splits["validation"]) if splits["validation"] is not None else None
-    if cfg.validation_file:
-        rows = load_local("--validation_file", cfg.validation_file, streaming)
-        validation = OpenSource(Source("--validation_file", cfg.validation_file), rows)
-    held_out = cfg.validation_split_percentage if validation is None else 0
-    return Opened([train], validation, held_out, cfg.seed)
-
-
-def _hub_source(cfg, split: str) -> Source:
-    return Source("--dataset_name", cfg.dataset_name, cfg.dataset_config_name, split)
-
-
 def open_spec(spec, streaming: bool, validation_split_percentage: int, seed: int) -> Opened:
-    """One source of a mix (a source_specs.SourceSpec): a file, or a hub / local dataset directory's `spec.split`;
+    """One training source (a specs.SourceSpec): a file, or a hub / local dataset directory's `spec.split`;
     its validation data is its validation_path, else the dataset's validation split, else its held-out rows."""
     if spec.is_file:
         train = OpenSource(Source(spec.flag, spec.path, weight=spec.weight), load_local(spec.flag, spec.path, streaming))
@@ -167,7 +146,7 @@ def open_spec(spec, streaming: bool, validation_split_percentage: int, seed: int
         if validation is not None:
             validation = OpenSource(Source(spec.flag, spec.location, spec.dataset_config_name, "validation"), validation)
     if spec.validation_path:
-        flag = f"{spec.flag} validation_path"
+        flag = spec.validation_source_flag
         validation = OpenSource(Source(flag, spec.validation_path), load_local(flag, spec.validation_path, streaming))
     held_out = validation_split_percentage if validation is None else 0
     return Opened([train], validation, held_out, seed)
@@ -212,12 +191,6 @@ def is_saved_dataset(name: str) -> bool:
     return path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
 
-def load_hub(cfg, streaming: bool = False) -> dict:
-    """{'train': ..., 'validation': ... or None} of --dataset_name: a hub dataset, a local dataset directory
-    (a "repo" of data files, as on the hub) or a directory written by save_to_disk."""
-    return load_dataset_splits("--dataset_name", cfg.dataset_name, cfg.dataset_config_name, streaming)
-
-
 def load_dataset_splits(flag: str, name: str, config: str | None, streaming: bool = False, split: str = "train") -> dict:
     """{'train': the `split` to train on, 'validation': the validation split or None} of a dataset by name."""
     import datasets
@@ -231,7 +204,7 @@ def load_dataset_splits(flag: str, name: str, config: str | None, streaming: boo
         else:
             loaded = datasets.load_dataset(name, config, streaming=streaming)
     except Exception as exc:
-        fix = hub.unreachable_note() or "Check the name and config on the hub, your network, or use --train_file."
+        fix = unreachable_note() or "Check the name and config on the hub, your network, or use --train_file."
         raise UsageError(
             f"{flag} {name} (--dataset_config_name {config}): could not be loaded ({root_cause(exc)}). {fix}"
         ) from None

@@ -33,6 +33,8 @@ case is counted.
 
 from __future__ import annotations
 
+from tuner.common import IGNORE_INDEX
+
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -41,15 +43,15 @@ from typing import NoReturn
 
 import numpy as np
 
-from . import chat_template
-from .errors import UsageError
+from tuner.data import chat_template
+from tuner.errors import UsageError
 
 FORMATS = ("text", "messages", "prompt_completion", "alpaca")
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
 SHAREGPT_COLUMN = "conversations"
 OVERLONG = ("truncate", "drop")
-IGNORE = -100  # the label of an untrained token (torch cross_entropy's ignore_index)
+
 TOKEN_DTYPE = np.int32
 MAX_LISTED = 10  # bad rows named in one error; the rest are counted
 
@@ -384,7 +386,7 @@ def _keep(out: SftExamples, row: int, ids: np.ndarray, trained: np.ndarray, max_
         counts.dropped_untrained += 1
         return
     out.input_ids.append(ids)
-    out.labels.append(np.where(trained, ids, IGNORE).astype(TOKEN_DTYPE))
+    out.labels.append(np.where(trained, ids, IGNORE_INDEX).astype(TOKEN_DTYPE))
     out.rows.append(row)
     counts.kept += 1
     counts.tokens += len(ids)
@@ -394,7 +396,7 @@ def _keep(out: SftExamples, row: int, ids: np.ndarray, trained: np.ndarray, max_
 def show_trained(tokenizer, input_ids: Sequence[int], labels: Sequence[int], start: str = "[[", end: str = "]]") -> str:
     """The example as text with each run of trained tokens between `start` and `end` (the dry run's view)."""
     ids = list(map(int, input_ids))
-    trained = [int(label) != IGNORE for label in labels]
+    trained = [int(label) != IGNORE_INDEX for label in labels]
     pieces, run_start = [], 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or trained[i] != trained[run_start]:

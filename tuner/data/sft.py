@@ -15,6 +15,8 @@ Choices where issue 10 is silent:
 
 from __future__ import annotations
 
+from tuner.common import IGNORE_INDEX, save_json
+
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -23,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template, describe, formats, grouping, packing, sources, token_cache
-from .errors import UsageError
-from .formats import Conversation, Example, FormatChoice, SftCounts
-from .sources import Opened, OpenSource
-from .torch_data import Datasets, ExampleDataset, PackedDataset
+from tuner.data import chat_template, describe, formats, grouping, packing, sources, cache as token_cache
+from tuner.errors import UsageError
+from tuner.data.formats import Conversation, Example, FormatChoice, SftCounts
+from tuner.data.sources import Opened, OpenSource
+from tuner.data.datasets import Datasets, ExampleDataset, PackedDataset
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +162,7 @@ def _build(work: Path, tokenizer, opened: Opened, settings: SftSettings) -> None
         np.save(work / f"{split}.rows.npy", np.asarray(rows, dtype=np.int64)[tokenized.rows])  # each kept example's row
         meta["counts"][split] = asdict(tokenized.counts)
         logger.info("  %s: %s", split, tokenized.counts.summary())
-    token_cache.save_json(work / "meta.json", meta)
+    save_json(work / "meta.json", meta)
 
 
 def cache_directory(cfg, tokenizer, opened: Opened, settings: SftSettings) -> Path:
@@ -218,7 +220,7 @@ def split_figures(split: str, counts: SftCounts | None, ids, labels, rows: int, 
     tokenising the whole split (None for a stream: unknown), then of the examples used (--max_*_samples)
     and the rows they fill."""
     tokens = sum(len(x) for x in ids)
-    trained = sum(int((np.asarray(x) != formats.IGNORE).sum()) for x in labels)
+    trained = sum(int((np.asarray(x) != IGNORE_INDEX).sum()) for x in labels)
     # SftCounts.rows are the rows given (not the rows trained on); its token totals are those of the used
     # examples when all are used, and the *_used figures say the rest.
     renamed = {"rows": "rows_read", "kept": "examples"}

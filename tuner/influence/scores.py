@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .influence_hooks import ModuleTaps, module_kind, trainable_direct
-from .loss import IGNORE_INDEX, compute_causal_lm_loss
+from tuner.common import IGNORE_INDEX
+from tuner.influence.hooks import ModuleTaps, module_kind, trainable_direct
+from tuner.loss import compute_causal_lm_loss
 
 PRECONDITIONERS = ("none", "adam")
 

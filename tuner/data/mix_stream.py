@@ -1,18 +1,22 @@
-"""A mix of streamed sources (mix_data.py, --streaming): mixing.Mixture over each source's stream, with a state
+"""A mix of streamed sources (mix.py, --streaming): mixing.Mixture over each source's stream, with a state
 that says where every source stands in its stream, so that a resumed run reopens each one there without
-reading what came before (mixture.MixPosition saves it in each checkpoint, as streaming.StreamPosition
-does for one stream)."""
+reading what came before (train.callbacks.DataPosition saves it in each checkpoint, as it does a single
+stream's position)."""
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, replace
 
 import torch
 
-from . import mixing
-from .streaming import Position
+from tuner.data import mixing
+from tuner.data.stream import Position
+from tuner.errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 KEEP_POSITIONS = 4096  # stream positions kept per source: far more than a dataloader reads ahead
 
@@ -68,12 +72,19 @@ class StreamMix(torch.utils.data.IterableDataset):
             positions[source["name"]] = asdict(at) if at is not None else None
         return {"mixture": state, "positions": positions}
 
+    resume_problem = ("--streaming with several sources: the checkpoint has no position of the mix (it was written by "
+                      "another kind of run). Resume it with the options it was written with, or start in a new --output_dir.")  # fmt: skip
+
     def load_state(self, saved: dict) -> None:
+        if "mixture" not in saved:
+            raise UsageError(self.resume_problem)
         self.mixture.load_state_dict(saved["mixture"])
         for source, opener in zip(saved["mixture"]["sources"], self.openers):
             at = saved["positions"].get(source["name"])
             if at is not None:
                 opener.known[(source["pass"], source["position"])] = Position(**at)
+        logger.info("Resuming the mix after %d rows: %s", saved["mixture"]["examples"],
+                    ", ".join(f"{s['name']} pass {s['pass']} row {s['position']}" for s in saved["mixture"]["sources"]))  # fmt: skip
 
     def forget_before(self, n: int) -> None:
         self.mixture.forget_before(n)

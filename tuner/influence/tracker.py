@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from transformers import TrainerCallback, default_data_collator
 
-from . import influence_report
-from .influence import InfluenceScorer
+from tuner.common import IGNORE_INDEX
+from tuner.influence import files as influence_report
+from tuner.influence.mixture import MixtureFromInfluence
+from tuner.influence.scores import InfluenceScorer
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +83,7 @@ class InfluenceTracker(TrainerCallback):
         self.log: influence_report.ScoreLog | None = None
         self.step_results: list[tuple] = []
         self.learning_rate = 0.0
-        tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        tokens = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
         logger.info("Influence: scoring every %s against %d reference rows (%d tokens); each scored step adds one "
                     "forward and backward of them", "step" if self.every == 1 else f"{self.every} steps",
                     sum(len(b["input_ids"]) for b in batches), tokens)  # fmt: skip
@@ -161,3 +163,15 @@ def gather(results: list[tuple], world_size: int) -> list[tuple]:
     everyone: list = [None] * world_size
     torch.distributed.all_gather_object(everyone, results)
     return [r for process in everyone for r in process]
+
+
+def attach(trainer, cfg, datasets, tokenizer) -> None:
+    """Score every training example at every step: each row carries its example id(s) to the scorer, the
+    tracker watches training and writes influence/ at the end; with --mixture_from_influence the next run's
+    weights are written after it."""
+    trainer.train_dataset = IndexedDataset(trainer.train_dataset)
+    trainer.data_collator = CollateWithIds(trainer.data_collator)
+    trainer.influence = InfluenceTracker(cfg, trainer.model, datasets, tokenizer)
+    trainer.add_callback(trainer.influence)
+    if cfg.mixture_from_influence:  # after the tracker: it reads the files the tracker writes at the end
+        trainer.add_callback(MixtureFromInfluence(cfg))

@@ -1,19 +1,8 @@
-"""The data layer's entry point, and running text in memory.
-
-Every run's data goes through `build_datasets(cfg, tokenizer)`:
-
-    source_specs / mix_data   several sources (--datasets, several --train_file): each built as below, then mixed
-    sources.open_sources      open the hub dataset or files (streamed or not); the hold-out rule
-    choose_format             --data_format, or auto from the columns (logged with the reason)
-    text, in memory           here: documents -> grouping.py chunks -> token cache
-    text, streamed            streaming.build_text_stream
-    chat/instruction data     sft_data.build_in_memory, or sft_stream.build_sft_stream
-
-Running text in memory: the rows of --text_column are documents (empty ones skipped); without validation
+"""Running text in memory: the rows of --text_column are documents (empty ones skipped); without validation
 data, the rows sources.HoldOut picks are held out (the same rows a streamed run holds out). Each split is
-tokenised, grouped into fixed-length chunks and cached (token_cache.py), so a rerun starts training
-within seconds. The cache also keeps where each document starts in the token stream and its row in the
-source, so `Datasets.describe()` can say which rows each chunk holds (describe.py).
+tokenised, grouped into fixed-length chunks and cached (cache.py), so a rerun starts training within
+seconds. The cache also keeps where each document starts in the token stream and its row in the source,
+so `Datasets.describe()` can say which rows each chunk holds (describe.py).
 """
 
 from __future__ import annotations
@@ -25,63 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import describe, formats, grouping, sources, token_cache
-from .errors import UsageError
-from .formats import Columns, FormatChoice
-from .sources import Opened, OpenSource
-from .torch_data import ChunkDataset, Datasets  # noqa: F401  (the types callers import from here)
+from tuner.data import cache as token_cache
+from tuner.data import describe, grouping, sources
+from tuner.data.datasets import ChunkDataset, Datasets
+from tuner.data.sources import Opened, OpenSource
+from tuner.errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-
-def build_datasets(cfg, tokenizer) -> Datasets:
-    """Training and evaluation data of any format, in memory or streamed; reads rows only as needed."""
-    from . import mix_data, source_specs
-
-    specs = source_specs.specs_from_options(cfg)
-    if specs is not None:  # --datasets, or several --train_file
-        return mix_data.build_mix(cfg, tokenizer, specs)
-    return build_source(cfg, tokenizer, sources.open_sources(cfg, cfg.streaming))
-
-
-def build_source(cfg, tokenizer, opened: Opened) -> Datasets:
-    """One training source's datasets (and its evaluation data), any format, in memory or streamed."""
-    from . import sft_data, sft_stream, streaming
-
-    choice = choose_format(cfg, opened)
-    if choice.format == "text":
-        build = streaming.build_text_stream if cfg.streaming else build_text
-        datasets = build(cfg, tokenizer, opened)
-    else:
-        build = sft_stream.build_sft_stream if cfg.streaming else sft_data.build_in_memory
-        datasets = build(cfg, tokenizer, opened, choice)
-    datasets.format = choice.format
-    return datasets
-
-
-def columns_of(cfg) -> Columns:
-    return Columns(
-        text=cfg.text_column, messages=cfg.messages_column, prompt=cfg.prompt_column, completion=cfg.completion_column,
-        instruction=cfg.instruction_column, input=cfg.input_column, output=cfg.output_column,
-    )  # fmt: skip
-
-
-def choose_format(cfg, opened: Opened) -> FormatChoice:
-    """formats.detect_format on the training data's columns; with auto and no chat or instruction columns,
-    running text (whose column check then names --text_column, as it always has)."""
-    source = opened.train[0]
-    try:
-        choice = formats.detect_format(source.columns, cfg.data_format, columns_of(cfg))
-    except UsageError:
-        if cfg.data_format != "auto":
-            raise
-        choice = FormatChoice("text", "auto: no chat or instruction columns, so running text", columns_of(cfg))
-    logger.info("Data format: %s (%s)", choice.format, choice.reason)
-    return choice
-
-
-# ---------------------------------------------------------------- running text in memory
-
 
 def check_column(rows, column: str, source: str, auto: bool = False) -> None:
     """The column exists and holds strings: a look at the schema, no rows read."""
@@ -174,10 +113,9 @@ def cache_key(cfg, opened: Opened, tokenizer) -> str:
     return token_cache.key([*parts, held_out, opened.seed])
 
 
-def cached_chunks(cfg, tokenizer, opened: Opened | None = None) -> dict[str, np.ndarray]:
+def cached_chunks(cfg, tokenizer, opened: Opened) -> dict[str, np.ndarray]:
     """{'train': (N, T) int32, 'validation': (M, T) or absent, 'train.doc_starts', 'train.doc_rows': (D,)
     int64}, built once and memory-mapped after."""
-    opened = opened or sources.open_sources(cfg, streaming=False)
     directory = token_cache.root(cfg.cache_dir) / cache_key(cfg, opened, tokenizer)
     token_cache.build_once(directory, lambda work: _build_chunks(work, cfg, tokenizer, opened))
     names = ("train", "validation", "train.doc_starts", "train.doc_rows")

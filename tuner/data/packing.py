@@ -20,6 +20,8 @@ asks one example's last token to predict the next example's first. `example_inde
 
 from __future__ import annotations
 
+from tuner.common import IGNORE_INDEX
+
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-IGNORE = -100
+
 
 
 class PackingIsolationError(RuntimeError):
@@ -72,7 +74,7 @@ def pack_examples(
         label_parts = []
         for i in members:
             example_labels = np.array(labels[i], dtype=np.int64)
-            example_labels[0] = IGNORE  # predicted from the previous example's last token: never a target
+            example_labels[0] = IGNORE_INDEX  # predicted from the previous example's last token: never a target
             label_parts.append(example_labels)
         rows.append(
             {
@@ -116,7 +118,7 @@ def packing_stats(rows: Sequence[Mapping[str, Any]], max_seq_length: int) -> Pac
         examples=len(examples),
         rows=len(rows),
         tokens=sum(len(row["input_ids"]) for row in rows),
-        trained_tokens=sum(int((np.asarray(row["labels"]) != IGNORE).sum()) for row in rows),
+        trained_tokens=sum(int((np.asarray(row["labels"]) != IGNORE_INDEX).sum()) for row in rows),
         max_seq_length=max_seq_length,
     )
 
@@ -147,7 +149,7 @@ class PackedCollator:
         length = _padded_length([len(f["input_ids"]) for f in features], self.pad_to_multiple_of)
         batch = {
             "input_ids": _right_pad([f["input_ids"] for f in features], length, self.pad_token_id),
-            "labels": _right_pad([f["labels"] for f in features], length, IGNORE),
+            "labels": _right_pad([f["labels"] for f in features], length, IGNORE_INDEX),
             # padding restarts at 0: a sequence of its own, which no real token attends to
             "position_ids": _right_pad([f["position_ids"] for f in features], length, 0),
         }
@@ -175,7 +177,7 @@ class PaddingCollator:
         return {
             "input_ids": _right_pad([f["input_ids"] for f in features], length, self.pad_token_id),
             "attention_mask": mask,
-            "labels": _right_pad([f["labels"] for f in features], length, IGNORE),
+            "labels": _right_pad([f["labels"] for f in features], length, IGNORE_INDEX),
         }
 
 

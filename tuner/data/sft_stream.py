@@ -26,12 +26,12 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from . import formats, packing, sft_data, sources
-from .formats import FormatChoice
-from .sft_data import SftSettings
-from .sources import Opened, OpenSource
-from .streaming import DEFAULT_EVAL_CHUNKS, Position, ResumableStream, eval_source
-from .torch_data import Datasets
+from tuner.data import formats, packing, sft as sft_data, sources
+from tuner.data.formats import FormatChoice
+from tuner.data.sft import SftSettings
+from tuner.data.sources import Opened, OpenSource
+from tuner.data.stream import DEFAULT_EVAL_CHUNKS, Position, ResumableStream, eval_source
+from tuner.data.datasets import Datasets
 
 logger = logging.getLogger(__name__)
 

@@ -1,13 +1,18 @@
-"""A pre-empted or cancelled run keeps its progress: on SIGTERM (what schedulers, `kill` and
-torchrun send) or SIGUSR1, finish the current optimizer step, save a checkpoint, and exit with
-128 + the signal number. Rerunning the same command resumes from that checkpoint.
+"""Checkpoints: which are whole, where a rerun resumes, and how a pre-empted run keeps its progress.
+
+A rerun of the same command resumes from the newest complete checkpoint in --output_dir by itself. On
+SIGTERM (what schedulers, `kill` and torchrun send) or SIGUSR1, the run finishes the current optimizer
+step, saves a checkpoint, and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import re
 import signal
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
@@ -15,6 +20,40 @@ from transformers import TrainerCallback
 logger = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors")
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint is complete once trainer_state.json, which Trainer writes last, parses."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any((path / f).exists() for f in WEIGHT_FILES)
+
+
+def latest_complete_checkpoint(output_dir: str) -> str | None:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = sorted(
+        ((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))), reverse=True
+    )
+    for _step, path in found:
+        if is_complete_checkpoint(path):
+            return str(path)
+        logger.warning("Skipping %s: incomplete (interrupted while saving?)", path)
+    return None
+
+
+def resume_point(cfg) -> str | None:
+    if cfg.resume_from_checkpoint:
+        return cfg.resume_from_checkpoint
+    found = latest_complete_checkpoint(cfg.output_dir)
+    if found:
+        logger.info("Resuming from %s (pass --resume_from_checkpoint to choose another)", found)
+    return found
 
 
 class SaveOnSignal(TrainerCallback):

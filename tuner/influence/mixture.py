@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 import yaml
 from transformers import TrainerCallback
 
-from . import influence_report, source_specs
+from tuner.data import specs as source_specs
+from tuner.influence import files as influence_report
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,8 @@ class Datasets:
     # takes keyword arguments source= and offset= (a mix renames and renumbers each source's examples).
     describer: Callable[..., Iterator[dict]] | None = None
     eval_sets: dict | None = None  # several sources: each one's evaluation set, by name (`eval` holds them all)
-    mix: object | None = None  # several sources: mix_data.MixedRows or mix_data.StreamMix (the training data)
+    mix: object | None = None  # several sources: mix.MixedRows or mix_stream.StreamMix (the training data)
+    run_steps: int | None = None  # a mix in memory: the optimizer steps its schedule was built for
 
     def describe(self) -> Iterator[dict]:
         """{example_id, source, rows, text} for every training example id the influence scorer can see."""

@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from .progress import progress
+from tuner.progress import progress
 
 TOKEN_DTYPE = np.int32
 T = TypeVar("T")

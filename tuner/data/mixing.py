@@ -56,7 +56,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from .loss import IGNORE_INDEX
+from tuner.common import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
