@@ -1,7 +1,7 @@
 """Does a mixture chosen by data influence beat the uniform one? Gemma 3 270M (offline), CPU, real CPython text.
 
-    .venv/bin/python bench/bench_mixture.py                 # 12 steps of 4 x 64 tokens per run (~10 min, 2 cores)
-    .venv/bin/python bench/bench_mixture.py --steps 40 --max_seq_length 128   # longer runs
+    .venv/bin/python experiments/bench_mixture.py                 # 12 steps of 4 x 64 tokens per run (~10 min, 2 cores)
+    .venv/bin/python experiments/bench_mixture.py --steps 40 --max_seq_length 128   # longer runs
 
 Three training sources, written to --work:
   docs   pydoc_data.topics: the reference manual's topics, one document each (held out: every 8th topic)
@@ -27,7 +27,7 @@ with <bos>, and Gemma 3 predicts badly without one (the untrained model on the s
 without <bos>, a lesson every source teaches, the noise included (its high loss gives it large
 gradients), so first-order influence ranked the noise first. `--layout documents` (each piece of text its
 own example, starting with <bos>: prompt_completion with an empty prompt) removes that confound. Measured
-once with it (.venv/bin/python bench/bench_mixture.py --layout documents; 4 min 55 s, load average 0.7
+once with it (.venv/bin/python experiments/bench_mixture.py --layout documents; 4 min 55 s, load average 0.7
 before, 1.9 after): weights docs 0.311, code 0.558, noise 0.131; held-out loss 4.0174 against the uniform
 mixture's 4.1056 (before training 4.2794): lower, on docs (3.8116 vs 3.8639) and code (4.1674 vs 4.2818).
 """

@@ -3,8 +3,8 @@ offline Gemma 3 270M. Prints the held-out answer loss of plain fine-tuning again
 the same number of steps, on the same data, from the same start.
 
     bash quickstart.sh sft                           # once: the teacher, in outputs/quickstart-sft
-    .venv/bin/python bench/distill_demo.py           # ~8 min on 2 CPU cores
-    .venv/bin/python bench/distill_demo.py --teacher DIR --steps 6
+    .venv/bin/python experiments/distill_demo.py           # ~8 min on 2 CPU cores
+    .venv/bin/python experiments/distill_demo.py --teacher DIR --steps 6
 
 Both runs use configs/quickstart-sft-cpu.yaml with --max_steps STEPS; the distilled one adds
 --teacher_model_name_or_path TEACHER --distill_alpha ALPHA --distill_temperature T. The evaluation
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, command_line, load_average, machine
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import ROOT, command_line, load_average, machine  # noqa: E402
 
 
 def run(name: str, out: Path, args, *extra: str) -> dict:

@@ -4,9 +4,9 @@ least influential examples, and without a random 20% (--random_draws draws; and,
 exactly the corrupted ones). Prints the held-out loss of every run and how many of the corrupted
 documents the bottom 20% caught.
 
-    .venv/bin/python bench/influence_selection.py                     # ~40 min on 2 CPU cores
-    .venv/bin/python bench/influence_selection.py --corruption code
-    .venv/bin/python bench/influence_selection.py --influence_only    # the catch only, ~9 min
+    .venv/bin/python experiments/influence_selection.py                     # ~40 min on 2 CPU cores
+    .venv/bin/python experiments/influence_selection.py --corruption code
+    .venv/bin/python experiments/influence_selection.py --influence_only    # the catch only, ~9 min
 
 Corpus: paragraphs of CPython's reference documentation (pydoc_data.topics) of 100-300 characters,
 each its own training example (`<bos> paragraph <eos>`, every token trained; --layout chat makes each
@@ -45,7 +45,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, command_line, load_average, machine
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench._common import ROOT, command_line, load_average, machine  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 

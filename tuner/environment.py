@@ -272,7 +272,7 @@ def default_model() -> str:
     """main.py's --model_name_or_path default: the model a run without that flag trains."""
     import dataclasses
 
-    from tuner.config import Config
+    from tuner.config import Config  # here: config imports torch and transformers, which this check reports on
 
     return next(f.default for f in dataclasses.fields(Config) if f.name == "model_name_or_path")
 
@@ -294,7 +294,7 @@ def check_offline_model(report: Report, offline) -> list[str]:
 
 
 def check_model(report: Report, env: Mapping[str, str]) -> None:
-    from tuner import offline
+    from tuner import offline  # here: the setup check runs before any of tuner's dependencies may be importable
 
     check_model_access(report, env.get("MODEL") or default_model(), env, offline, check_offline_model(report, offline))
 

@@ -25,7 +25,6 @@ is never generated: generation stops at `<end_of_turn>`). The closing turn marke
 from __future__ import annotations
 
 import logging
-
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -36,29 +35,8 @@ logger = logging.getLogger(__name__)
 TURN_START = "<start_of_turn>"
 TURN_END = "<end_of_turn>"
 
-# Written for this project to reproduce Google's rendering (tests/test_chat_template.py holds the
-# expected strings). Whitespace control (`{%-`, `-%}`) everywhere: only quoted strings are output.
-GEMMA3_CHAT_TEMPLATE = (
-    "{%- macro text(content, trimmed) -%}"
-    "{%- if content is string -%}{{ content | trim if trimmed else content }}"
-    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}"
-    "{{ part['text'] | trim if trimmed else part['text'] }}{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{{- bos_token if bos_token is defined else '' -}}"
-    "{%- set has_system = messages | length > 0 and messages[0]['role'] == 'system' -%}"
-    "{%- set turns = messages[1:] if has_system else messages -%}"
-    "{%- for message in turns -%}"
-    "{%- set expected = 'user' if loop.index0 % 2 == 0 else 'assistant' -%}"
-    "{%- if message['role'] != expected -%}"
-    "{{ raise_exception('Roles must alternate user/assistant/user/... after an optional first system message; message '"
-    " ~ loop.index0 ~ ' of the turns is ' ~ message['role']) }}"
-    "{%- endif -%}"
-    "{{- '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else 'user') ~ '\\n' -}}"
-    "{%- if loop.first and has_system -%}{{- text(messages[0]['content'], false) ~ '\\n\\n' -}}{%- endif -%}"
-    "{{- text(message['content'], true) ~ '<end_of_turn>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
-)
+# Written for this project to reproduce Google's rendering; the Jinja text lives in its own file.
+GEMMA3_CHAT_TEMPLATE = (Path(__file__).parent / "templates" / "gemma3.jinja").read_text(encoding="utf-8")
 
 SHIPPED = "Gemma 3 turn format (shipped with tuner)"
 

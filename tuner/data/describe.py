@@ -30,7 +30,7 @@ def chunk_rows(n_chunks: int, seq_len: int, doc_starts: np.ndarray, doc_rows: np
     begins = np.arange(n_chunks, dtype=np.int64) * seq_len
     first = np.searchsorted(doc_starts, begins, side="right") - 1
     last = np.searchsorted(doc_starts, begins + seq_len - 1, side="right") - 1
-    return [doc_rows[f : l + 1].tolist() for f, l in zip(first, last)]
+    return [doc_rows[f : end + 1].tolist() for f, end in zip(first, last)]
 
 
 def text_chunks(chunks: np.ndarray, doc_starts: np.ndarray, doc_rows: np.ndarray, tokenizer, source: str,

@@ -33,8 +33,6 @@ case is counted.
 
 from __future__ import annotations
 
-from tuner.common import IGNORE_INDEX
-
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +41,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from tuner.common import IGNORE_INDEX
 from tuner.data import chat_template
 from tuner.errors import UsageError
 

@@ -37,11 +37,11 @@ from functools import partial
 import numpy as np
 import torch
 
-from tuner.common import rows_per_step
+from tuner.common import rows_per_step, step_counts
 from tuner.data import mixing
+from tuner.data.datasets import Datasets
 from tuner.data.mix_stream import StreamMix
 from tuner.data.specs import SourceSpec
-from tuner.data.datasets import Datasets
 
 logger = logging.getLogger(__name__)
 

@@ -63,6 +63,8 @@ class StreamMix(torch.utils.data.IterableDataset):
     def examples(self) -> int:
         return self.mixture.examples
 
+    rows_read = examples  # rows the mix has given so far (or where a resumed one starts): train.callbacks.DataPosition
+
     def state_at(self, n: int) -> dict:
         """JSON-able: the mixture's state after n rows, and where each source's next row starts in its stream."""
         state = self.mixture.state_at(n)

@@ -20,8 +20,6 @@ asks one example's last token to predict the next example's first. `example_inde
 
 from __future__ import annotations
 
-from tuner.common import IGNORE_INDEX
-
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
+from tuner.common import IGNORE_INDEX
 
 
 class PackingIsolationError(RuntimeError):

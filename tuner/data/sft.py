@@ -15,8 +15,6 @@ Choices where issue 10 is silent:
 
 from __future__ import annotations
 
-from tuner.common import IGNORE_INDEX, save_json
-
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tuner.data import chat_template, describe, formats, grouping, packing, sources, cache as token_cache
-from tuner.errors import UsageError
+from tuner.common import IGNORE_INDEX, save_json
+from tuner.data import cache as token_cache
+from tuner.data import chat_template, describe, formats, grouping, packing, sources
+from tuner.data.datasets import Datasets, ExampleDataset, PackedDataset
 from tuner.data.formats import Conversation, Example, FormatChoice, SftCounts
 from tuner.data.sources import Opened, OpenSource
-from tuner.data.datasets import Datasets, ExampleDataset, PackedDataset
+from tuner.errors import UsageError
 
 logger = logging.getLogger(__name__)
 

@@ -26,12 +26,13 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from tuner.data import formats, packing, sft as sft_data, sources
+from tuner.data import formats, packing, sources
+from tuner.data import sft as sft_data
+from tuner.data.datasets import Datasets
 from tuner.data.formats import FormatChoice
 from tuner.data.sft import SftSettings
 from tuner.data.sources import Opened, OpenSource
 from tuner.data.stream import DEFAULT_EVAL_CHUNKS, Position, ResumableStream, eval_source
-from tuner.data.datasets import Datasets
 
 logger = logging.getLogger(__name__)
 

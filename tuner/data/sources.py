@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tuner.offline import unreachable_note
 from tuner.errors import UsageError
+from tuner.offline import unreachable_note
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from tuner.data.sources import BUILDERS, file_problems
 from tuner.errors import UsageError
-from tuner.data.sources import BUILDERS
-from tuner.data.sources import file_problems
 
 COLUMN_KEYS = ("text_column", "messages_column", "prompt_column", "completion_column", "instruction_column",
                "input_column", "output_column")  # fmt: skip

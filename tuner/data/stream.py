@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from tuner.data import grouping, sources
-from tuner.errors import UsageError
-from tuner.data.sources import OpenSource, Opened
 from tuner.data.datasets import ChunkDataset, Datasets
+from tuner.data.sources import Opened, OpenSource
+from tuner.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ResumableStream(torch.utils.data.IterableDataset):
                       "Resume it without --streaming, or start in a new --output_dir.")  # fmt: skip
 
     @property
-    def examples(self) -> int:
+    def rows_read(self) -> int:
         """Items yielded so far (or, before the first, where the stream starts)."""
         return max(self.starts, default=self.start.chunk)
 

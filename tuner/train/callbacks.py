@@ -43,7 +43,7 @@ class DataPosition(TrainerCallback, ExportableState):
                 raise RuntimeError("A stream tracks its position in the main process: use dataloader_num_workers=0.")
             if state.global_step:
                 self.resume(args, state)
-            self.start_rows = self.data.examples
+            self.start_rows = self.data.rows_read
         self.consumed = self.start_rows
 
     def resume(self, args, state) -> None:
@@ -57,7 +57,7 @@ class DataPosition(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         self.consumed = self.start_rows + (state.global_step - self.start_step) * self.per_step
         if self.streamed:
-            self.consumed = min(self.consumed, self.data.examples)  # a mix that stops ended inside this step
+            self.consumed = min(self.consumed, self.data.rows_read)  # a mix that stops ended inside this step
             self.data.forget_before(self.consumed)
         else:
             self.consumed = min(self.consumed, len(self.data))

@@ -19,7 +19,7 @@ from tuner import estimate
 from tuner.config import parse_args
 from tuner.data.datasets import ChunkDataset
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from tiny import build_tokenizer
 
+from tuner.common import IGNORE_INDEX as IGNORE
 from tuner.data import chat_template, formats
-from tuner.data.formats import IGNORE, Columns, Conversation, PromptCompletion
+from tuner.data.formats import Columns, Conversation, PromptCompletion
 from tuner.errors import UsageError
 
 SRC = "--train_file data.jsonl"

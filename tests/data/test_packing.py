@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from tuner.common import IGNORE_INDEX as IGNORE
 from tuner.data import packing
-from tuner.data.packing import IGNORE
 
 # ---------------------------------------------------------------- best-fit decreasing
 
