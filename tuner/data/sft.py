@@ -3,7 +3,7 @@ token ids with the trained-token mask (formats.py) -> token cache -> packed rows
 example a row padded per batch with --packing false. sft_stream.py does the same on the fly, with the
 functions here.
 
-Choices where issue 10 is silent:
+Choices made here, and why:
 - --max_train_samples / --max_eval_samples count examples (not rows or chunks): the first N examples
   kept after tokenising, in the source's order, so packed and padded runs, in memory or streamed, train
   and evaluate on the same examples.

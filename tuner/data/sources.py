@@ -70,7 +70,7 @@ def source_problems(cfg) -> list[str]:
 
 @dataclass(frozen=True)
 class Source:
-    """One place rows come from. `split` is None for a file; `weight` is its share in a mix (issue 13)."""
+    """One place rows come from. `split` is None for a file; `weight` is its share in a mix."""
 
     flag: str  # the option that named it: --train_file, --validation_file, --dataset_name
     location: str  # a file, a hub id, or a local dataset directory

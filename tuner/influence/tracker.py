@@ -14,7 +14,6 @@ import random
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from transformers import TrainerCallback, default_data_collator
 
@@ -25,7 +24,6 @@ from tuner.influence.scores import InfluenceScorer
 
 logger = logging.getLogger(__name__)
 
-PREVIEW_TOKENS = 80  # decoded for an example's text preview; 200 characters of it are kept
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -79,7 +77,7 @@ class InfluenceTracker(TrainerCallback):
         found = reference_batches(cfg, datasets.eval, datasets.collator)
         batches = [{k: v.to(cfg.device) for k, v in b.items()} for b in found]
         self.scorer = InfluenceScorer(model, batches, preconditioner=cfg.influence_preconditioner)
-        self.describe = getattr(datasets, "describe", None) or (lambda: preview(datasets.train, tokenizer, source_name(cfg)))
+        self.describe = datasets.describe
         self.log: influence_report.ScoreLog | None = None
         self.step_results: list[tuple] = []
         self.learning_rate = 0.0
@@ -134,26 +132,6 @@ class InfluenceTracker(TrainerCallback):
             logger.info("Influence of %d training examples written to %s (report.md: the most helpful and harmful)",
                         influence.num_rows, self.directory)  # fmt: skip
         self.scorer.close()
-
-
-
-def source_name(cfg) -> str:
-    return f"--train_file {cfg.train_file}" if cfg.train_file else f"--dataset_name {cfg.dataset_name}"
-
-
-def preview(dataset, tokenizer, source: str):
-    """{example_id, source, rows, text} of each training example, its first tokens decoded, for a dataset whose
-    Datasets bundle has no describe(). A packed row holds several examples, each with the id its tokens carry
-    (example_index), as the scorer sees them. `rows` is empty: the dataset cannot say which source rows an
-    example came from (Datasets.describe() can)."""
-    for index in range(len(dataset)):
-        row = dataset[index]
-        members = np.asarray(row["example_index"]) if "example_index" in row else None
-        ids = np.asarray(row["input_ids"])
-        for example in [index] if members is None else np.unique(members[members >= 0]).tolist():
-            tokens = ids if members is None else ids[members == example]
-            text = tokenizer.decode(list(map(int, tokens[:PREVIEW_TOKENS])), skip_special_tokens=True)
-            yield {"example_id": example, "source": source, "rows": [], "text": text[: influence_report.PREVIEW_CHARS]}
 
 
 def gather(results: list[tuple], world_size: int) -> list[tuple]:
