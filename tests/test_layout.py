@@ -11,16 +11,28 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tuner"
 
 LEAVES = {"tuner.errors", "tuner.common", "tuner.offline", "tuner.progress"}
-CORE = {"tuner.config", "tuner.loss", "tuner.distill", "tuner.lora"}  # options and the chunked loss family
+CORE = {"tuner.config", "tuner.loss", "tuner.distill", "tuner.lora", "tuner.preference"}  # options and the chunked loss family
 LIBRARY = {"data": set(), "influence": {"data"}, "evaluation": {"data"}, "train": {"data", "evaluation"}}
 
 
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
 def modules() -> dict[str, Path]:
-    found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
-        found[name.removesuffix(".__init__")] = path
-    return found
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+PACKAGES = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
+
+
+def absolute(node: ast.ImportFrom, importer: str) -> str:
+    """The module an import names, relative ones (`from . import x`, `from .y import z`) resolved."""
+    if not node.level:
+        return node.module or ""
+    package = importer.split(".") if importer in PACKAGES else importer.split(".")[:-1]
+    base = package[: len(package) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
 
 
 def imports(path: Path, names: set[str]) -> list[tuple[str, int, bool, str]]:
@@ -33,8 +45,9 @@ def imports(path: Path, names: set[str]) -> list[tuple[str, int, bool, str]]:
         targets = []
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in names else node.module for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = absolute(node, module_name(path))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in names else base for a in node.names]
         for target in targets:
             if target.split(".")[0] == "tuner" and target in names:
                 found.append((target, node.lineno, id(node) in inner, lines[node.lineno - 1]))
@@ -115,3 +128,12 @@ def test_the_rule_catches_what_it_is_for():
     assert not allowed("tuner.influence.tracker", "tuner.train.callbacks")
     assert not allowed("tuner.train.trainer", "tuner.influence.tracker")
     assert allowed("tuner.validate", "tuner.influence.scores") and allowed("tuner.train.trainer", "tuner.data.packing")
+
+
+def test_relative_imports_are_read_as_the_modules_they_name():
+    def first(source: str) -> ast.ImportFrom:
+        return ast.parse(source).body[0]
+
+    assert absolute(first("from . import formats"), "tuner.export") == "tuner.export"
+    assert absolute(first("from .vocab import x"), "tuner.export.gguf") == "tuner.export.vocab"
+    assert absolute(first("from ..errors import x"), "tuner.data.mix") == "tuner.errors"
